@@ -1,0 +1,62 @@
+"""Packaging for modeling_segcompass.
+
+Install torch first (``pip install torch==2.13.0`` on the CPU machines of this project):
+the range below is satisfied by that build, so pip does not replace it with a CUDA one.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+CORE = [
+    "torch>=2.6",
+    "transformers>=5.23,<6",
+    "safetensors>=0.4",
+    "huggingface-hub>=1.0",
+    "numpy>=1.26",
+    "pillow>=10",
+    "tqdm>=4.66",
+]
+TRAIN = [
+    "accelerate>=1.10",
+    "peft>=0.17",
+    "trl>=1.16,<1.17",
+    "datasets>=4.0",
+    "evaluate>=0.4.5",
+    "scipy>=1.13",
+    "sentencepiece>=0.2",
+    "tokenizers>=0.22",
+]
+DEMO = ["matplotlib>=3.9"]
+SERVE = ["gradio>=5"]
+DEV = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"]
+
+setup(
+    name="modeling_segcompass",
+    version="0.1.0",
+    description=(
+        "SegCompass (arXiv 2605.22658): interpretable reasoning segmentation with sparse "
+        "autoencoders, as a Hugging Face Transformers model package."
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["modeling_segcompass"],
+    install_requires=CORE,
+    extras_require={
+        "train": TRAIN,
+        "demo": TRAIN + DEMO,
+        "serve": SERVE,
+        "dev": TRAIN + DEMO + DEV,
+        "all": TRAIN + DEMO + SERVE + DEV,
+    },
+    entry_points={"console_scripts": ["segcompass=modeling_segcompass.cli:main"]},
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
