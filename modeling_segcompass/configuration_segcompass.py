@@ -1,0 +1,441 @@
+"""Configuration of SegCompass (arXiv 2605.22658).
+
+This file travels with saved models (remote code): it imports only torch/transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig, SamConfig
+from transformers.configuration_utils import SubConfigSpec
+
+SAE_ARCHITECTURES = ("relu", "topk", "jumprelu")
+IMAGE_ENCODERS = ("sam", "conv", "none")
+
+# Published backbone settings used by `SegCompassConfig.paper` (PAPER.md, "The model").
+# name -> (vlm model_type, sae_layer)
+PAPER_BACKBONES: dict[str, tuple[str, int]] = {
+    "qwen2.5-vl-7b": ("qwen2_5_vl", 13),
+    "llava-1.5-7b": ("llava", 16),
+    "llava-1.5-13b": ("llava", 16),
+}
+
+
+class SegCompassConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`SegCompassForReasoningSegmentation`].
+
+    Args:
+        vlm_config (`dict` or `PreTrainedConfig`):
+            Config of any image-text-to-text model (Qwen2.5-VL, LLaVA, ...). It writes the
+            chain of thought and the `<REF_POS>` tokens, and its hidden states feed the SAE.
+        sam_config (`dict` or `SamConfig`):
+            Config of SAM; its prompt encoder and mask decoder turn heatmaps into masks.
+            `mask_decoder_config.hidden_size` is the image-embedding width C, and
+            `prompt_encoder_config.image_embedding_size` the embedding side E (masks are 4E).
+        image_encoder_type (`str`, defaults to `"sam"`):
+            `"sam"`: SAM's ViT (`SamVisionEncoder`, real checkpoints). `"conv"`: a small
+            convolutional encoder (the tiny default; DEMO_PROBE.md measured a ViT from scratch
+            learning far slower on CPU). `"none"`: no encoder, `image_embeddings` must be
+            passed to `forward` (the reference caches SAM ViT-H embeddings).
+        conv_encoder_width (`int`): width of the convolutional image encoder.
+        sae_layer (`int`):
+            Index of the language-model decoder layer whose *output* (residual stream after
+            the block, SAELens `blocks.{L}.hook_resid_post`) feeds the SAE.
+        d_sae (`int`): number of SAE latents (65536 in the paper).
+        sae_architecture (`str`): `"topk"` (default here), `"relu"` (reference) or `"jumprelu"`.
+        sae_k (`int`): active latents per token for `"topk"`.
+        sae_apply_b_dec_to_input (`bool`): subtract `b_dec` before encoding (SAELens).
+        activation_threshold (`float`):
+            Codes with |a| below this are zeroed before the codebook. The reference uses 2.0
+            on relu codes ("faithful threshold mode"); 0.0 keeps every active latent.
+        sae_max_active (`int`, *optional*):
+            Cap on active latents per token kept for relu/jumprelu codes (largest kept).
+        sae_reconstruction_weight (`float`):
+            Weight of the SAE reconstruction MSE in the total loss (joint SAE training).
+        codebook_dim (`int`): slot width d_q (512 in the paper).
+        codebook_layers (`int`), codebook_heads (`int`), codebook_ffn_dim (`int`), codebook_dropout (`float`):
+            The pre-norm transformer encoder in which K slot queries gather concepts.
+        num_slots (`int`): K, the number of `<REF_POS>` tokens / slots / masks.
+        slot_mapper_heads (`int`): heads of the slot-to-image similarity.
+        slot_fuser_channels (`int`): width of the conv fuser that turns similarity maps into a heatmap.
+        ref_token_id (`int`): id of `<REF_POS>`.
+        think_start_token_id, think_end_token_id (`int`, *optional*): ids of `<think>` / `</think>`.
+        lm_loss_weight, seg_loss_weight, conf_loss_weight, heatmap_bce_weight, heatmap_dice_weight,
+        mask_dice_weight, mask_focal_weight, iou_loss_weight (`float`):
+            Loss weights. `seg_loss = heatmap_bce_weight*BCE(heatmap) + heatmap_dice_weight*Dice(heatmap)
+            + mask_dice_weight*Dice(mask) + mask_focal_weight*Focal(mask) + iou_loss_weight*MSE(iou)`;
+            `loss = lm_loss_weight*lm + seg_loss_weight*seg + conf_loss_weight*conf + sae_reconstruction_weight*sae`.
+        focal_alpha, focal_gamma (`float`): sigmoid focal-loss parameters.
+        slot_confidence_threshold (`float`):
+            A slot holds an object when its confidence *logit* is >= this (the reference's 0.5).
+        mask_threshold (`float`): mask logits above this are foreground (0.0, the field convention).
+        sparse_codebook (`bool`):
+            Project codes with an embedding-bag over active latents (fast). False uses the
+            dense (L x d_sae) product of the reference; both give the same numbers.
+    """
+
+    model_type = "segcompass"
+    sub_configs_defaults: ClassVar[dict[str, Any]] = {
+        "vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_5_vl"),
+        "sam_config": SamConfig,
+    }
+
+    vlm_config: dict | PreTrainedConfig | None = None
+    sam_config: dict | PreTrainedConfig | None = None
+    image_encoder_type: str = "sam"
+    conv_encoder_width: int = 48
+    # SAE
+    sae_layer: int = 13
+    d_sae: int = 65536
+    sae_architecture: str = "topk"
+    sae_k: int = 32
+    sae_apply_b_dec_to_input: bool = True
+    sae_jumprelu_init_threshold: float = 0.001
+    activation_threshold: float = 0.0
+    sae_max_active: int | None = None
+    sae_reconstruction_weight: float = 0.0
+    # query codebook
+    codebook_dim: int = 512
+    codebook_layers: int = 2
+    codebook_heads: int = 8
+    codebook_ffn_dim: int = 2048
+    codebook_dropout: float = 0.0
+    sparse_codebook: bool = True
+    # slot mapper
+    num_slots: int = 1
+    slot_mapper_heads: int = 8
+    slot_fuser_channels: int = 32
+    # token ids
+    ref_token_id: int = 151665
+    think_start_token_id: int | None = None
+    think_end_token_id: int | None = None
+    # losses (PAPER.md "Training"; upstream scripts: seg 0.3, conf 0.2, dice 2.0, focal 5.0)
+    lm_loss_weight: float = 1.0
+    seg_loss_weight: float = 1.0
+    conf_loss_weight: float = 0.2
+    heatmap_bce_weight: float = 1.0
+    heatmap_dice_weight: float = 1.0
+    mask_dice_weight: float = 1.0
+    mask_focal_weight: float = 1.0
+    iou_loss_weight: float = 0.1
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    # inference
+    slot_confidence_threshold: float = 0.5
+    mask_threshold: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_segcompass()
+
+    # ------------------------------------------------------------------ validation
+    def validate_segcompass(self) -> None:
+        """Raise a ValueError naming the field, what is allowed and what was given."""
+
+        def fail(field: str, allowed: str, given: Any) -> None:
+            raise ValueError(
+                f"SegCompassConfig.{field}: expected {allowed}, got {given!r}. "
+                f"Pass a valid `{field}=` to SegCompassConfig (or the preset you used)."
+            )
+
+        if self.sae_architecture not in SAE_ARCHITECTURES:
+            fail("sae_architecture", f"one of {SAE_ARCHITECTURES}", self.sae_architecture)
+        if self.image_encoder_type not in IMAGE_ENCODERS:
+            fail("image_encoder_type", f"one of {IMAGE_ENCODERS}", self.image_encoder_type)
+        for name in ("d_sae", "codebook_dim", "codebook_layers", "codebook_heads", "num_slots",
+                     "slot_mapper_heads", "slot_fuser_channels", "codebook_ffn_dim",
+                     "conv_encoder_width"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, "a positive integer", value)
+        if not 1 <= self.sae_k <= self.d_sae:
+            fail("sae_k", f"an integer in [1, d_sae={self.d_sae}]", self.sae_k)
+        if self.codebook_dim % self.codebook_heads:
+            fail("codebook_dim", f"a multiple of codebook_heads={self.codebook_heads}", self.codebook_dim)
+        if self.activation_threshold < 0:
+            fail("activation_threshold", "a value >= 0", self.activation_threshold)
+        for name in ("lm_loss_weight", "seg_loss_weight", "conf_loss_weight", "heatmap_bce_weight",
+                     "heatmap_dice_weight", "mask_dice_weight", "mask_focal_weight",
+                     "iou_loss_weight", "sae_reconstruction_weight"):  # fmt: skip
+            if getattr(self, name) < 0:
+                fail(name, "a non-negative loss weight", getattr(self, name))
+        num_layers = self.vlm_text_config.num_hidden_layers
+        if not 0 <= self.sae_layer < num_layers:
+            fail("sae_layer", f"a decoder-layer index in [0, {num_layers - 1}]", self.sae_layer)
+        channels = self.sam_config.mask_decoder_config.hidden_size
+        if channels % self.slot_mapper_heads:
+            fail("slot_mapper_heads", f"a divisor of the image-embedding width {channels}",
+                 self.slot_mapper_heads)  # fmt: skip
+        if self.image_encoder_type == "sam" and self.sam_config.vision_config.output_channels != channels:
+            fail(
+                "sam_config.vision_config.output_channels",
+                f"the mask decoder width {channels}",
+                self.sam_config.vision_config.output_channels,
+            )
+        vocab = self.vlm_text_config.vocab_size
+        if not 0 <= self.ref_token_id < vocab:
+            fail("ref_token_id", f"a token id in [0, vocab_size={vocab})", self.ref_token_id)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def vlm_text_config(self) -> PreTrainedConfig:
+        """The language-model part of the VLM config (hidden size, layers, vocab)."""
+        return self.vlm_config.get_text_config()
+
+    @property
+    def llm_hidden_size(self) -> int:
+        return self.vlm_text_config.hidden_size
+
+    @property
+    def image_embedding_size(self) -> int:
+        """E: side of the image embedding (64 for real SAM)."""
+        return self.sam_config.prompt_encoder_config.image_embedding_size
+
+    @property
+    def mask_size(self) -> int:
+        """4E: side of heatmaps and mask logits (256 for real SAM)."""
+        return 4 * self.image_embedding_size
+
+    @property
+    def image_embedding_channels(self) -> int:
+        """C: channels of the image embedding (256 for real SAM)."""
+        return self.sam_config.mask_decoder_config.hidden_size
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def tiny(
+        cls,
+        *,
+        vocab_size: int = 1024,
+        ref_token_id: int = 9,
+        image_token_id: int = 5,
+        video_token_id: int = 6,
+        vision_start_token_id: int = 3,
+        vision_end_token_id: int = 4,
+        think_start_token_id: int | None = 7,
+        think_end_token_id: int | None = 8,
+        eos_token_id: int = 0,
+        pad_token_id: int = 0,
+        image_size: int = 64,
+        **overrides: Any,
+    ) -> SegCompassConfig:
+        """The embedded default: a ~0.4M-parameter model that trains on 2 CPU cores.
+
+        Token ids default to the tiny tokenizer's layout (`tokenizer_builder.SPECIAL_TOKENS`).
+        Tiny Qwen2.5-VL (text hidden 64, 2 layers, vision patch 8 + merge 2: 16 image tokens
+        at 64 px), a conv image encoder giving a (B, 32, 16, 16) embedding, SAM prompt
+        encoder / mask decoder of width 32, masks at 64x64 (see DEMO_PROBE.md).
+        """
+        vlm_config = {
+            "model_type": "qwen2_5_vl",
+            "text_config": {
+                "vocab_size": vocab_size,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 512,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "mrope_section": [2, 2, 4],
+                },
+                "bos_token_id": eos_token_id,
+                "eos_token_id": eos_token_id,
+                "pad_token_id": pad_token_id,
+                "tie_word_embeddings": True,
+            },
+            "vision_config": {
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "patch_size": 8,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "window_size": 32,
+                "out_hidden_size": 64,
+                "fullatt_block_indexes": [1],
+            },
+            "image_token_id": image_token_id,
+            "video_token_id": video_token_id,
+            "vision_start_token_id": vision_start_token_id,
+            "vision_end_token_id": vision_end_token_id,
+            "tie_word_embeddings": True,
+        }
+        embed = image_size // 4
+        sam_config = {
+            "vision_config": {
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "mlp_dim": 64,
+                "image_size": image_size,
+                "patch_size": 4,
+                "output_channels": 32,
+                "global_attn_indexes": [1],
+                "window_size": 4,
+                "num_pos_feats": 16,
+                # std of SAM's random Fourier positional features; 1.0 as in the original SAM
+                # (transformers' default of hidden_size // 2 only matters for loaded checkpoints)
+                "scale": 1.0,
+            },
+            "prompt_encoder_config": {
+                "hidden_size": 32,
+                "image_size": image_size,
+                "patch_size": 4,
+                "mask_input_channels": 8,
+                "image_embedding_size": embed,
+            },
+            "mask_decoder_config": {
+                "hidden_size": 32,
+                "mlp_dim": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "iou_head_hidden_dim": 32,
+            },
+        }
+        defaults: dict[str, Any] = {
+            "vlm_config": vlm_config,
+            "sam_config": sam_config,
+            "image_encoder_type": "conv",
+            "conv_encoder_width": 48,
+            "sae_layer": 0,
+            "d_sae": 512,
+            "sae_architecture": "topk",
+            "sae_k": 16,
+            "sae_reconstruction_weight": 0.1,
+            "codebook_dim": 64,
+            "codebook_layers": 2,
+            "codebook_heads": 4,
+            "codebook_ffn_dim": 128,
+            "num_slots": 3,
+            "slot_mapper_heads": 4,
+            "slot_fuser_channels": 16,
+            "ref_token_id": ref_token_id,
+            "think_start_token_id": think_start_token_id,
+            "think_end_token_id": think_end_token_id,
+            "initializer_range": 0.02,
+        }
+        defaults.update(overrides)
+        return cls(**defaults)
+
+    @classmethod
+    def paper(
+        cls, vlm: str = "qwen2.5-vl-7b", *, num_slots: int = 4, **overrides: Any
+    ) -> SegCompassConfig:
+        """The published dimensions (PAPER.md): d_sae 65536, codebook 512, 2 layers, 8 heads.
+
+        `vlm` is one of `PAPER_BACKBONES` ("qwen2.5-vl-7b", "llava-1.5-7b", "llava-1.5-13b");
+        SAM is ViT-H (the `SamConfig()` default). The reference runs a relu SAE with the
+        |a| < 2.0 threshold; the topk SAE here is the faster default, pass
+        `sae_architecture="relu", activation_threshold=2.0` for the faithful mode.
+        This builds a config only; weights come from `from_backbones` / `from_pretrained`.
+        """
+        if vlm not in PAPER_BACKBONES:
+            raise ValueError(
+                f"SegCompassConfig.paper: unknown vlm {vlm!r}; expected one of "
+                f"{sorted(PAPER_BACKBONES)}. For another backbone, build SegCompassConfig(vlm_config=...) "
+                "directly or use SegCompassForReasoningSegmentation.from_backbones."
+            )
+        model_type, sae_layer = PAPER_BACKBONES[vlm]
+        if vlm == "qwen2.5-vl-7b":
+            vlm_config: dict[str, Any] = {
+                "model_type": model_type,
+                "text_config": {
+                    "vocab_size": 152064,
+                    "hidden_size": 3584,
+                    "intermediate_size": 18944,
+                    "num_hidden_layers": 28,
+                    "num_attention_heads": 28,
+                    "num_key_value_heads": 4,
+                    "max_position_embeddings": 128000,
+                    "rope_parameters": {
+                        "rope_type": "default",
+                        "rope_theta": 1000000.0,
+                        "mrope_section": [16, 24, 24],
+                    },
+                    "bos_token_id": 151643,
+                    "eos_token_id": 151645,
+                },
+                "vision_config": {
+                    "depth": 32,
+                    "hidden_size": 1280,
+                    "intermediate_size": 3420,
+                    "num_heads": 16,
+                    "patch_size": 14,
+                    "spatial_merge_size": 2,
+                    "temporal_patch_size": 2,
+                    "window_size": 112,
+                    "out_hidden_size": 3584,
+                    "fullatt_block_indexes": [7, 15, 23, 31],
+                },
+                "image_token_id": 151655,
+                "video_token_id": 151656,
+                "vision_start_token_id": 151652,
+                "vision_end_token_id": 151653,
+            }
+            ref_token_id = 151665  # first id after Qwen2.5-VL's added tokens
+        else:
+            big = vlm == "llava-1.5-13b"
+            vlm_config = {
+                "model_type": model_type,
+                "text_config": {
+                    "model_type": "llama",
+                    "vocab_size": 32064,
+                    "hidden_size": 5120 if big else 4096,
+                    "intermediate_size": 13824 if big else 11008,
+                    "num_hidden_layers": 40 if big else 32,
+                    "num_attention_heads": 40 if big else 32,
+                    "num_key_value_heads": 40 if big else 32,
+                    "max_position_embeddings": 4096,
+                },
+                "vision_config": {
+                    "model_type": "clip_vision_model",
+                    "hidden_size": 1024,
+                    "intermediate_size": 4096,
+                    "num_hidden_layers": 24,
+                    "num_attention_heads": 16,
+                    "patch_size": 14,
+                    "image_size": 336,
+                    "projection_dim": 768,
+                },
+                "image_token_index": 32000,
+            }
+            ref_token_id = 32002
+        defaults: dict[str, Any] = {
+            "vlm_config": vlm_config,
+            # SAM ViT-H (facebook/sam-vit-huge)
+            "sam_config": {
+                "vision_config": {
+                    "hidden_size": 1280,
+                    "num_hidden_layers": 32,
+                    "num_attention_heads": 16,
+                    "mlp_dim": 5120,
+                    "global_attn_indexes": [7, 15, 23, 31],
+                },
+            },
+            "image_encoder_type": "sam",
+            "sae_layer": sae_layer,
+            "d_sae": 65536,
+            "sae_architecture": "topk",
+            "sae_k": 64,
+            "codebook_dim": 512,
+            "codebook_layers": 2,
+            "codebook_heads": 8,
+            "codebook_ffn_dim": 2048,
+            "num_slots": num_slots,
+            "slot_mapper_heads": 8,
+            "slot_fuser_channels": 32,
+            "ref_token_id": ref_token_id,
+        }
+        defaults.update(overrides)
+        return cls(**defaults)
+
+
+__all__ = ["SegCompassConfig"]

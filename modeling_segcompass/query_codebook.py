@@ -1,0 +1,204 @@
+"""QueryCodebook: sparse SAE codes of every token -> K slot vectors (PAPER.md, step 3).
+
+The reference projects the dense (B, L, d_sae) activation matrix through a bias-free
+codebook (d_sae -> d_q). Only the active latents contribute to that product, so here the
+projection is an embedding-bag over the active (index, value) pairs: the same numbers
+without the dense matrix (`sparse=False` keeps the dense path for tests and benchmarks).
+
+This file travels with saved models (remote code): it imports only torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class QueryCodebookOutput:
+    """Output of [`QueryCodebook`].
+
+    Attributes:
+        slots: (B, K, d_q) slot vectors, one per `<REF_POS>` slot.
+        slot_token_attention: (B, K, L) attention of each slot over the tokens in the last
+            encoder layer, averaged over heads (rows sum to 1 over unpadded tokens).
+        slot_concept_weights: (B, K, L, n) how much each (token, active concept) pair fed
+            each slot: attention to the token times the concept's activation on it.
+        token_embeddings: (B, L, d_q) codebook projection of each token's sparse code.
+    """
+
+    slots: torch.Tensor
+    slot_token_attention: torch.Tensor
+    slot_concept_weights: torch.Tensor
+    token_embeddings: torch.Tensor
+
+
+class QueryCodebook(nn.Module):
+    """K learnable slot queries gather concepts from the codebook-projected sparse codes.
+
+    The encoder layers are `nn.TransformerEncoderLayer` modules (pre-norm, batch-first) so
+    that parameter names match a PyTorch reference; the forward is spelled out here to
+    return the last layer's slot attention for interpretability.
+
+    Args:
+        d_sae: number of SAE latents (rows of the codebook).
+        codebook_dim: slot width d_q.
+        num_slots: K.
+        num_layers, num_heads, ffn_dim, dropout: the transformer encoder.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_sae: int,
+        codebook_dim: int,
+        num_slots: int,
+        num_layers: int = 2,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if codebook_dim % num_heads:
+            raise ValueError(
+                f"QueryCodebook: codebook_dim ({codebook_dim}) must be divisible by num_heads "
+                f"({num_heads})."
+            )
+        self.d_sae = d_sae
+        self.codebook_dim = codebook_dim
+        self.num_slots = num_slots
+        self.num_heads = num_heads
+        # (d_sae, d_q): row i is latent i's embedding. The reference's nn.Linear(d_sae, d_q,
+        # bias=False) stores the transpose; `load_reference_linear_weight` converts.
+        self.codebook = nn.Parameter(torch.empty(d_sae, codebook_dim))
+        self.slot_queries = nn.Parameter(torch.empty(num_slots, codebook_dim))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model=codebook_dim,
+                nhead=num_heads,
+                dim_feedforward=ffn_dim,
+                dropout=dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(num_layers)
+        )
+        self.final_norm = nn.LayerNorm(codebook_dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Codes of a unit-norm SAE are O(1) and ~k are active per token: scale rows so a
+        # token's projection starts at unit scale.
+        nn.init.normal_(self.codebook, std=self.codebook_dim**-0.5)
+        nn.init.normal_(self.slot_queries, std=0.02)
+
+    @torch.no_grad()
+    def load_reference_linear_weight(self, weight: torch.Tensor) -> None:
+        """Load a reference `nn.Linear(d_sae, d_q, bias=False).weight` of shape (d_q, d_sae)."""
+        expected = (self.codebook_dim, self.d_sae)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"QueryCodebook: reference codebook weight must have shape {expected} "
+                f"(d_q, d_sae), got {tuple(weight.shape)}."
+            )
+        self.codebook.copy_(weight.t())
+
+    def project(
+        self,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        *,
+        sparse: bool = True,
+    ) -> torch.Tensor:
+        """Codebook projection of sparse codes: sum_j values[..., j] * codebook[indices[..., j]].
+
+        Args:
+            indices: (B, L, n) active latent ids.
+            values: (B, L, n) their activations (0 marks padding).
+            sparse: embedding-bag (True) or the reference's dense product (False).
+
+        Returns:
+            (B, L, d_q) token embeddings.
+        """
+        batch, length, n = indices.shape
+        if not sparse:
+            dense = values.new_zeros(batch, length, self.d_sae)
+            dense.scatter_add_(-1, indices, values)  # (B, L, d_sae), as the reference holds it
+            return dense @ self.codebook.to(values.dtype)
+        flat_idx = indices.reshape(batch * length, n)  # (B*L, n)
+        flat_val = values.reshape(batch * length, n).to(self.codebook.dtype)
+        out = F.embedding_bag(flat_idx, self.codebook, per_sample_weights=flat_val, mode="sum")
+        return out.reshape(batch, length, self.codebook_dim).to(values.dtype)  # (B, L, d_q)
+
+    def forward(
+        self,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        sparse: bool = True,
+    ) -> QueryCodebookOutput:
+        """Gather concepts into K slots.
+
+        Args:
+            indices: (B, L, n) active latent ids per token.
+            values: (B, L, n) activations.
+            attention_mask: (B, L) 1 for real tokens, 0 for padding.
+            sparse: see `project`.
+        """
+        if indices.shape != values.shape or indices.dim() != 3:
+            raise ValueError(
+                "QueryCodebook: indices and values must both be (B, L, n); got "
+                f"{tuple(indices.shape)} and {tuple(values.shape)}."
+            )
+        batch, length, _ = indices.shape
+        tokens = self.project(indices, values, sparse=sparse)  # (B, L, d_q)
+        queries = self.slot_queries.to(tokens.dtype).unsqueeze(0).expand(batch, -1, -1)
+        hidden = torch.cat([queries, tokens], dim=1)  # (B, K+L, d_q)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
+        token_pad = ~attention_mask.bool()  # (B, L) True = ignore
+        key_padding = torch.cat(
+            [torch.zeros(batch, self.num_slots, dtype=torch.bool, device=tokens.device), token_pad],
+            dim=1,
+        )  # (B, K+L)
+        slot_attention = None
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            normed = layer.norm1(hidden)
+            attn_out, weights = layer.self_attn(
+                normed,
+                normed,
+                normed,
+                key_padding_mask=key_padding,
+                need_weights=last,
+                average_attn_weights=True,
+            )
+            if last:
+                slot_attention = weights[:, : self.num_slots, self.num_slots :]  # (B, K, L)
+                # share of each slot's token attention (slots also attend to each other)
+                slot_attention = slot_attention / slot_attention.sum(-1, keepdim=True).clamp_min(
+                    1e-12
+                )
+            hidden = hidden + layer.dropout1(attn_out)
+            hidden = hidden + layer._ff_block(layer.norm2(hidden))
+        slots = self.final_norm(hidden[:, : self.num_slots])  # (B, K, d_q)
+        if slot_attention is None:  # zero encoder layers: uniform over real tokens
+            mask = attention_mask.to(tokens.dtype)
+            slot_attention = (mask / mask.sum(-1, keepdim=True).clamp_min(1)).unsqueeze(1)
+            slot_attention = slot_attention.expand(-1, self.num_slots, -1)
+        concept_weights = slot_attention.unsqueeze(-1) * values.unsqueeze(1)  # (B, K, L, n)
+        return QueryCodebookOutput(
+            slots=slots,
+            slot_token_attention=slot_attention,
+            slot_concept_weights=concept_weights,
+            token_embeddings=tokens,
+        )
+
+
+__all__ = ["QueryCodebook", "QueryCodebookOutput"]

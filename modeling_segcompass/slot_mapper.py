@@ -1,0 +1,141 @@
+"""SlotMapper: slot vectors + `<REF_POS>` states -> heatmaps on the image (PAPER.md, step 4).
+
+For each slot: project the slot to the LLM width, fuse it with the last-layer hidden
+state of its `<REF_POS>` token (concat -> LayerNorm -> Linear -> SiLU), then compare the
+fused query, head by head, with the image embedding; a small conv fuser turns the
+per-head similarity maps into one heatmap, upsampled x4 to the mask grid. A confidence
+head says whether the slot holds an object.
+
+This file travels with saved models (remote code): it imports only torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SlotMapperOutput:
+    """Output of [`SlotMapper`].
+
+    Attributes:
+        heatmap_logits: (B, K, 4E, 4E) where each slot points on the image.
+        conf_logits: (B, K) does the slot hold an object.
+        similarity: (B, K, heads, E, E) per-head similarity maps before the fuser.
+        queries: (B, K, C) fused slot queries.
+    """
+
+    heatmap_logits: torch.Tensor
+    conf_logits: torch.Tensor
+    similarity: torch.Tensor
+    queries: torch.Tensor
+
+
+class SlotMapper(nn.Module):
+    """Ground K slots on the image embedding.
+
+    Args:
+        codebook_dim: slot width d_q.
+        llm_hidden_size: width d of the `<REF_POS>` hidden states.
+        image_channels: C, channels of the image embedding.
+        num_heads: similarity heads (C must be divisible by it).
+        fuser_channels: hidden width of the conv fuser.
+        upsample: factor from the embedding grid E to the mask grid (4 for SAM).
+    """
+
+    def __init__(
+        self,
+        *,
+        codebook_dim: int,
+        llm_hidden_size: int,
+        image_channels: int,
+        num_heads: int = 8,
+        fuser_channels: int = 32,
+        upsample: int = 4,
+    ) -> None:
+        super().__init__()
+        if image_channels % num_heads:
+            raise ValueError(
+                f"SlotMapper: image_channels ({image_channels}) must be divisible by num_heads "
+                f"({num_heads})."
+            )
+        self.num_heads = num_heads
+        self.head_dim = image_channels // num_heads
+        self.upsample = upsample
+        self.slot_proj = nn.Linear(codebook_dim, llm_hidden_size)
+        self.fuse_norm = nn.LayerNorm(2 * llm_hidden_size)
+        self.fuse_proj = nn.Linear(2 * llm_hidden_size, image_channels)
+        self.query_proj = nn.Linear(image_channels, image_channels)
+        self.key_proj = nn.Conv2d(image_channels, image_channels, kernel_size=1)
+        self.fuser = nn.Sequential(
+            nn.Conv2d(num_heads, fuser_channels, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(fuser_channels, fuser_channels, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(fuser_channels, 1, kernel_size=1),
+        )
+        # The paper only says "a per-slot confidence head". It reads the fused query and the
+        # image features pooled where the slot points, so that "no such object here" can be
+        # seen from the image and not only from the text.
+        self.conf_head = nn.Sequential(
+            nn.Linear(2 * image_channels, image_channels),
+            nn.SiLU(),
+            nn.Linear(image_channels, 1),
+        )
+
+    def forward(
+        self,
+        slots: torch.Tensor,
+        ref_hidden_states: torch.Tensor,
+        image_embeddings: torch.Tensor,
+    ) -> SlotMapperOutput:
+        """
+        Args:
+            slots: (B, K, d_q) from the query codebook.
+            ref_hidden_states: (B, K, d) last-layer states at the `<REF_POS>` tokens (zeros
+                where the completion has fewer than K of them).
+            image_embeddings: (B, C, E, E).
+        """
+        batch, num_slots, _ = slots.shape
+        if ref_hidden_states.shape[:2] != (batch, num_slots):
+            raise ValueError(
+                f"SlotMapper: ref_hidden_states must be (B={batch}, K={num_slots}, d); got "
+                f"{tuple(ref_hidden_states.shape)}."
+            )
+        if image_embeddings.dim() != 4 or image_embeddings.shape[0] != batch:
+            raise ValueError(
+                f"SlotMapper: image_embeddings must be (B={batch}, C, E, E); got "
+                f"{tuple(image_embeddings.shape)}."
+            )
+        _, channels, height, width = image_embeddings.shape
+        fused = torch.cat([self.slot_proj(slots), ref_hidden_states.to(slots.dtype)], dim=-1)
+        fused = F.silu(self.fuse_proj(self.fuse_norm(fused)))  # (B, K, C)
+        queries = self.query_proj(fused).view(batch, num_slots, self.num_heads, self.head_dim)
+        keys = self.key_proj(image_embeddings).view(
+            batch, self.num_heads, self.head_dim, height * width
+        )  # (B, heads, C/heads, E*E)
+        similarity = torch.einsum("bkhc,bhcn->bkhn", queries, keys) * self.head_dim**-0.5
+        similarity = similarity.reshape(batch * num_slots, self.num_heads, height, width)
+        heatmap = self.fuser(similarity)  # (B*K, 1, E, E)
+        where = heatmap.view(batch, num_slots, height * width).softmax(-1)  # (B, K, E*E)
+        pooled = torch.einsum(
+            "bkn,bcn->bkc", where, image_embeddings.reshape(batch, channels, height * width)
+        )  # (B, K, C)
+        heatmap = F.interpolate(
+            heatmap, scale_factor=self.upsample, mode="bilinear", align_corners=False
+        )  # (B*K, 1, 4E, 4E)
+        heatmap = heatmap.view(batch, num_slots, height * self.upsample, width * self.upsample)
+        conf = self.conf_head(torch.cat([fused, pooled], dim=-1)).squeeze(-1)  # (B, K)
+        return SlotMapperOutput(
+            heatmap_logits=heatmap,
+            conf_logits=conf,
+            similarity=similarity.view(batch, num_slots, self.num_heads, height, width),
+            queries=fused,
+        )
+
+
+__all__ = ["SlotMapper", "SlotMapperOutput"]

@@ -1,0 +1,79 @@
+"""One place for tiny configs, models and batches used across the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+
+# ids of the tiny tokenizer layout (tokenizer_builder.SPECIAL_TOKENS)
+PAD, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD = 0, 1, 2, 3, 4, 5
+THINK, THINK_END, REF = 7, 8, 9
+IMAGE_TOKENS = 16  # 64 px, patch 8, merge 2
+
+
+def build_tiny_config(**overrides) -> SegCompassConfig:
+    return SegCompassConfig.tiny(vocab_size=128, **overrides)
+
+
+def build_tiny_model(**overrides) -> SegCompassForReasoningSegmentation:
+    torch.manual_seed(0)
+    return SegCompassForReasoningSegmentation(build_tiny_config(**overrides)).eval()
+
+
+def make_sequence(num_refs: int, text_len: int = 6, response_len: int = 5) -> list[int]:
+    """prompt with the 16 image pads, a response with `num_refs` <REF_POS> at the end."""
+    prompt = [IM_START, 20, VISION_START, *[IMAGE_PAD] * IMAGE_TOKENS, VISION_END]
+    prompt += list(range(30, 30 + text_len)) + [IM_END, IM_START, 21]
+    response = [THINK, *range(60, 60 + response_len), THINK_END, *[REF] * num_refs, IM_END]
+    return prompt + response
+
+
+def make_batch(
+    config: SegCompassConfig,
+    refs_per_row: list[int],
+    *,
+    with_targets: bool = False,
+    num_objects: list[int] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A right-padded batch in the processor's format (random pixels, hand-made ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [make_sequence(n) for n in refs_per_row]
+    length = max(len(r) for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), PAD, dtype=torch.long)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    patch_dim = 3 * 2 * 8 * 8
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.randn(batch * 64, patch_dim, generator=gen),
+        "image_grid_thw": torch.tensor([[1, 8, 8]] * batch),
+        "sam_pixel_values": torch.randn(batch, 3, 64, 64, generator=gen),
+    }
+    if with_targets:
+        labels = input_ids.clone()
+        labels[attention_mask == 0] = -100
+        for i, row in enumerate(rows):
+            start = row.index(THINK)
+            labels[i, :start] = -100
+        size = config.mask_size
+        objects = num_objects or [min(1, n) for n in refs_per_row]
+        gt = torch.zeros(batch, config.num_slots, size, size)
+        for i, count in enumerate(objects):
+            for j in range(count):
+                top = 4 + 18 * j
+                gt[i, j, top : top + 14, 10 + 6 * j : 30 + 6 * j] = 1.0
+        valid = torch.ones(batch, size, size, dtype=torch.bool)
+        valid[:, :, size - 8 :] = False  # a padded strip, as a non-square image leaves
+        out.update(
+            labels=labels,
+            gt_masks=gt,
+            num_objects=torch.tensor(objects),
+            valid_mask=valid,
+        )
+    return out
