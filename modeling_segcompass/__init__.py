@@ -1,1 +1,61 @@
-"""modeling_segcompass (being assembled)."""
+"""modeling_segcompass: SegCompass (arXiv 2605.22658) as a Hugging Face Transformers model package.
+
+The core classes import eagerly; trainer-side modules (trl, datasets, matplotlib) are
+imported on first use of their names so that `import modeling_segcompass` stays light.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_segcompass import SegCompassConfig
+from .conv_image_encoder import ConvImageEncoder
+from .modeling_segcompass import (
+    SegCompassForReasoningSegmentation,
+    SegCompassOutput,
+    SegCompassPreTrainedModel,
+)
+from .query_codebook import QueryCodebook
+from .slot_mapper import SlotMapper
+from .sparse_autoencoder import SparseAutoencoder
+
+__version__ = "0.1.0"
+
+AutoConfig.register("segcompass", SegCompassConfig, exist_ok=True)
+AutoModel.register(SegCompassConfig, SegCompassForReasoningSegmentation, exist_ok=True)
+SegCompassConfig.register_for_auto_class()
+SegCompassForReasoningSegmentation.register_for_auto_class("AutoModel")
+
+# name -> module for names imported on first use
+_LAZY = {
+    "SegCompassProcessor": "processing_segcompass",
+    "SegCompassCollator": "collator",
+    "build_tiny_tokenizer": "tokenizer_builder",
+    "SegmentationMetrics": "metrics",
+    "MetricsResult": "metrics",
+    "segmentation_metrics": "metrics",
+    "format_reward": "rewards",
+    "mask_reward": "rewards",
+    "multi_object_mask_reward": "rewards",
+    "segcompass_reward": "rewards",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "ConvImageEncoder",
+    "QueryCodebook",
+    "SegCompassConfig",
+    "SegCompassForReasoningSegmentation",
+    "SegCompassOutput",
+    "SegCompassPreTrainedModel",
+    "SlotMapper",
+    "SparseAutoencoder",
+    *_LAZY,
+]

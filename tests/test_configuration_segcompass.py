@@ -9,12 +9,17 @@ def test_tiny_preset_dimensions():
     assert config.vlm_config.model_type == "qwen2_5_vl"
     assert config.sam_config.model_type == "sam"
     assert config.llm_hidden_size == 64
-    assert (config.image_embedding_size, config.mask_size, config.image_embedding_channels) == (16, 64, 32)
+    assert (config.image_embedding_size, config.mask_size, config.image_embedding_channels) == (
+        16,
+        64,
+        32,
+    )
     assert config.image_encoder_type == "conv"
 
 
 @pytest.mark.parametrize(
-    "vlm, hidden, layer", [("qwen2.5-vl-7b", 3584, 13), ("llava-1.5-7b", 4096, 16), ("llava-1.5-13b", 5120, 16)]
+    "vlm, hidden, layer",
+    [("qwen2.5-vl-7b", 3584, 13), ("llava-1.5-7b", 4096, 16), ("llava-1.5-13b", 5120, 16)],
 )
 def test_paper_preset_has_published_dimensions(vlm, hidden, layer):
     config = SegCompassConfig.paper(vlm, num_slots=4)

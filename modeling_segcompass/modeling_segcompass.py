@@ -1,0 +1,597 @@
+"""SegCompassForReasoningSegmentation: the whole forward, top to bottom.
+
+One VLM pass gives both the SAE input (hidden states at `sae_layer`, captured by a hook,
+not by keeping every layer) and the last-layer states at the `<REF_POS>` tokens. The
+reference runs the LLM twice for these and decodes the SAE output it never uses; this
+does one pass and encodes only (same numbers for the same weights).
+
+This file travels with saved models (remote code): it imports only torch, transformers
+and its flat siblings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.sam.modeling_sam import (
+    SamMaskDecoder,
+    SamPositionalEmbedding,
+    SamPromptEncoder,
+    SamVisionEncoder,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_segcompass import SegCompassConfig
+from .conv_image_encoder import ConvImageEncoder
+from .losses import compute_segmentation_loss
+from .query_codebook import QueryCodebook
+from .slot_mapper import SlotMapper
+from .sparse_autoencoder import SparseAutoencoder
+
+
+@dataclass
+class SegCompassOutput(ModelOutput):
+    """Output of [`SegCompassForReasoningSegmentation.forward`].
+
+    B = batch, L = sequence length, V = vocabulary, K = slots, n = active latents per
+    token, M = 4E = mask grid side (256 for real SAM, 64 for the tiny default).
+
+    Attributes:
+        loss: () weighted sum of the losses below that could be computed (None without targets).
+        lm_loss: () next-token cross-entropy on `labels` (None without labels).
+        seg_loss: () heatmap BCE + Dice, mask Dice + focal, IoU-head MSE on matched slots.
+        conf_loss: () per-slot confidence BCE (targets from Hungarian matching).
+        sae_loss: () SAE reconstruction MSE normalised by the input variance (joint training).
+        logits: (B, L, V) language-model logits (None when `compute_logits=False`).
+        heatmap_logits: (B, K, M, M) where each slot points.
+        conf_logits: (B, K) does each slot hold an object (kept when >= slot_confidence_threshold).
+        mask_logits: (B, K, M, M) SAM mask-decoder logits per slot (foreground > 0).
+        iou_scores: (B, K) the mask decoder's predicted IoU per slot.
+        ref_hidden_states: (B, K, d) last-layer states at the last K `<REF_POS>` tokens, zeros
+            where the sequence holds fewer.
+        ref_mask: (B, K) True where slot k has a `<REF_POS>` token.
+        concept_indices: (B, L, n) active SAE latents per token.
+        concept_values: (B, L, n) their activations (0 = inactive / padding).
+        slot_concept_weights: (B, K, L, n) how much each (token, concept) fed each slot.
+        slot_token_attention: (B, K, L) last codebook layer's slot attention over tokens.
+        image_embeddings: (B, C, E, E) the image embedding the masks were decoded from.
+        slot_to_target: (B, K) matched ground-truth index per slot, -1 if none (with gt_masks).
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    seg_loss: torch.Tensor | None = None
+    conf_loss: torch.Tensor | None = None
+    sae_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    heatmap_logits: torch.Tensor | None = None
+    conf_logits: torch.Tensor | None = None
+    mask_logits: torch.Tensor | None = None
+    iou_scores: torch.Tensor | None = None
+    ref_hidden_states: torch.Tensor | None = None
+    ref_mask: torch.Tensor | None = None
+    concept_indices: torch.Tensor | None = None
+    concept_values: torch.Tensor | None = None
+    slot_concept_weights: torch.Tensor | None = None
+    slot_token_attention: torch.Tensor | None = None
+    image_embeddings: torch.Tensor | None = None
+    slot_to_target: torch.Tensor | None = None
+
+
+def gather_ref_hidden_states(
+    hidden_states: torch.Tensor, input_ids: torch.Tensor, ref_token_id: int, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-layer states at the last `num_slots` `<REF_POS>` tokens of each row, in order.
+
+    Args:
+        hidden_states: (B, L, d).
+        input_ids: (B, L).
+    Returns:
+        states (B, K, d), zeros where a row has fewer than K `<REF_POS>` tokens, and
+        present (B, K) bool.
+    """
+    batch, _, dim = hidden_states.shape
+    is_ref = input_ids == ref_token_id  # (B, L)
+    count = is_ref.sum(-1, keepdim=True)  # (B, 1)
+    # number of <REF_POS> at or after each position: the last K have rank 1..K
+    rank_from_end = is_ref.flip(-1).long().cumsum(-1).flip(-1)  # (B, L)
+    slot = count.clamp(max=num_slots) - rank_from_end  # (B, L): slot index of each kept ref
+    take = is_ref & (rank_from_end <= num_slots)
+    rows, cols = take.nonzero(as_tuple=True)
+    states = hidden_states.new_zeros(batch, num_slots, dim)
+    states[rows, slot[rows, cols]] = hidden_states[rows, cols]
+    present = torch.arange(num_slots, device=input_ids.device).unsqueeze(0) < count.clamp(
+        max=num_slots
+    )  # (B, K)
+    return states, present
+
+
+def _decoder_layers(vlm: nn.Module) -> nn.ModuleList:
+    """The language model's decoder layers of an image-text-to-text model."""
+    candidates = []
+    base = getattr(vlm, "model", vlm)
+    language_model = getattr(base, "language_model", None)
+    if language_model is not None:
+        candidates.append(getattr(language_model, "layers", None))
+        inner = getattr(language_model, "model", None)
+        if inner is not None:
+            candidates.append(getattr(inner, "layers", None))
+    if hasattr(vlm, "get_decoder"):
+        decoder = vlm.get_decoder()
+        candidates.append(getattr(decoder, "layers", None))
+    for layers in candidates:
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise ValueError(
+        f"SegCompass: cannot find the decoder layers of {type(vlm).__name__} "
+        "(looked for .model.language_model.layers and get_decoder().layers); "
+        "this VLM family is not supported yet, please open an issue."
+    )
+
+
+class SegCompassPreTrainedModel(PreTrainedModel):
+    config_class = SegCompassConfig
+    config: SegCompassConfig
+    base_model_prefix = "segcompass"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["SamVisionLayer", "SparseAutoencoder", "QueryCodebook", "SlotMapper"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        torch_default = getattr(self, "_torch_default_init_ids", set())
+        if id(module) in torch_default and hasattr(module, "reset_parameters"):
+            # The new heads and a from-scratch SAM use PyTorch's default (fan-in scaled)
+            # init, as the original SAM does; transformers' N(0, 0.02) leaves the conv/heatmap
+            # path with near-zero activations and gradients. Loaded tensors are never touched.
+            if not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters(False)):
+                module.reset_parameters()
+            return
+        super()._init_weights(module)
+        if isinstance(module, SparseAutoencoder):
+            if not getattr(module.W_dec, "_is_hf_initialized", False):
+                module.reset_parameters()
+        elif isinstance(module, QueryCodebook):
+            init.normal_(module.codebook, std=module.codebook_dim**-0.5)
+            init.normal_(module.slot_queries, std=std)
+        elif isinstance(module, SamPositionalEmbedding):
+            init.normal_(module.positional_embedding, std=module.scale)
+        decoder = getattr(self, "mask_decoder", None)
+        if decoder is not None and (module is decoder.iou_token or module is decoder.mask_tokens):
+            # The original SAM leaves these at nn.Embedding's N(0, 1). With transformers' 0.02
+            # the output tokens start nearly identical, so the image-to-token attention gets
+            # no usable gradient when SAM is trained from scratch (the tiny default).
+            init.normal_(module.weight, std=1.0)
+
+
+class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
+    """SegCompass: a VLM reasons, an SAE exposes its concepts, slots ground them, SAM masks.
+
+    Submodules: `vlm` (any image-text-to-text model), `sae` ([`SparseAutoencoder`]),
+    `codebook` ([`QueryCodebook`]), `slot_mapper` ([`SlotMapper`]), `image_encoder`
+    (`SamVisionEncoder`, [`ConvImageEncoder`] or None), `prompt_encoder` / `mask_decoder`
+    (transformers' `SamPromptEncoder` / `SamMaskDecoder`, same parameter names as SAM).
+    """
+
+    def __init__(self, config: SegCompassConfig) -> None:
+        super().__init__(config)
+        sam = config.sam_config
+        # SAM's sub-modules are plain nn.Modules: hand them the attention choice ourselves.
+        sam.mask_decoder_config._attn_implementation = config._attn_implementation
+        self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
+        self.sae = SparseAutoencoder(
+            d_in=config.llm_hidden_size,
+            d_sae=config.d_sae,
+            architecture=config.sae_architecture,
+            k=config.sae_k,
+            apply_b_dec_to_input=config.sae_apply_b_dec_to_input,
+            jumprelu_init_threshold=config.sae_jumprelu_init_threshold,
+            activation_threshold=config.activation_threshold,
+            max_active=config.sae_max_active,
+        )
+        self.codebook = QueryCodebook(
+            d_sae=config.d_sae,
+            codebook_dim=config.codebook_dim,
+            num_slots=config.num_slots,
+            num_layers=config.codebook_layers,
+            num_heads=config.codebook_heads,
+            ffn_dim=config.codebook_ffn_dim,
+            dropout=config.codebook_dropout,
+        )
+        self.slot_mapper = SlotMapper(
+            codebook_dim=config.codebook_dim,
+            llm_hidden_size=config.llm_hidden_size,
+            image_channels=config.image_embedding_channels,
+            num_heads=config.slot_mapper_heads,
+            fuser_channels=config.slot_fuser_channels,
+            upsample=4,
+        )
+        if config.image_encoder_type == "sam":
+            self.image_encoder = SamVisionEncoder(sam.vision_config)
+        elif config.image_encoder_type == "conv":
+            self.image_encoder = ConvImageEncoder(
+                out_channels=config.image_embedding_channels, width=config.conv_encoder_width
+            )
+        else:
+            self.image_encoder = None
+        self.prompt_encoder = SamPromptEncoder(sam)
+        self.mask_decoder = SamMaskDecoder(sam.mask_decoder_config)
+        # Heatmaps enter SAM only as dense mask prompts: the point/box/no-mask embeddings and
+        # the multimask hypernetworks are never used, so they are frozen (DDP and "every
+        # trainable parameter learns" both need that). They keep SAM's names for loading.
+        for module in (
+            *self.prompt_encoder.point_embed,
+            self.prompt_encoder.not_a_point_embed,
+            self.prompt_encoder.no_mask_embed,
+            *self.mask_decoder.output_hypernetworks_mlps[1:],
+        ):
+            module.requires_grad_(False)
+        self._torch_default_init_ids = {
+            id(m)
+            for part in (
+                self.slot_mapper,
+                self.image_encoder,
+                self.prompt_encoder,
+                self.mask_decoder,
+            )
+            if part is not None and not isinstance(part, PreTrainedModel)
+            for m in part.modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))
+        }
+        self._sae_capture: dict[str, torch.Tensor] = {}
+        self._sae_hook = None
+        self.post_init()
+
+    # ------------------------------------------------------------------ helpers
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vlm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.vlm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.vlm.get_output_embeddings()
+
+    def image_positional_embeddings(self) -> torch.Tensor:
+        """SAM's dense positional encoding of the E x E grid: (1, C, E, E)."""
+        size = self.config.image_embedding_size
+        pe = self.prompt_encoder.shared_embedding
+        grid = torch.ones(
+            (size, size),
+            device=pe.positional_embedding.device,
+            dtype=pe.positional_embedding.dtype,
+        )
+        y_embed = (grid.cumsum(dim=0) - 0.5) / size
+        x_embed = (grid.cumsum(dim=1) - 0.5) / size
+        encoding = pe(torch.stack([x_embed, y_embed], dim=-1))  # (E, E, C)
+        return encoding.permute(2, 0, 1).unsqueeze(0)
+
+    def encode_image(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """SAM-frame pixels (B, 3, S, S) -> image embedding (B, C, E, E)."""
+        if self.image_encoder is None:
+            raise ValueError(
+                "SegCompass: this model has image_encoder_type='none', so pass precomputed "
+                "`image_embeddings` (B, C, E, E) instead of `sam_pixel_values`."
+            )
+        out = self.image_encoder(sam_pixel_values)
+        return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+    def _capture_hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self._sae_capture["hidden"] = output[0] if isinstance(output, tuple) else output
+
+    def decode_masks(
+        self, heatmap_logits: torch.Tensor, image_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heatmaps as dense prompts through SAM's prompt encoder + mask decoder, batched over B*K.
+
+        Args:
+            heatmap_logits: (B, K, M, M).
+            image_embeddings: (B, C, E, E).
+        Returns:
+            mask logits (B, K, M, M) and predicted IoU (B, K).
+        """
+        batch, num_slots, size, _ = heatmap_logits.shape
+        _, dense = self.prompt_encoder(
+            input_points=None,
+            input_labels=None,
+            input_boxes=None,
+            input_masks=heatmap_logits.reshape(batch * num_slots, 1, size, size),
+        )  # dense: (B*K, C, E, E)
+        per_slot_images = image_embeddings.repeat_interleave(num_slots, dim=0)  # (B*K, C, E, E)
+        positional = self.image_positional_embeddings().to(per_slot_images.dtype)
+        positional = positional.expand(batch * num_slots, -1, -1, -1)
+        masks, iou = self.mask_decoder(
+            image_embeddings=per_slot_images,
+            image_positional_embeddings=positional,
+            sparse_prompt_embeddings=None,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )  # masks: (B*K, 1, 1, M, M), iou: (B*K, 1, 1)
+        return (
+            masks.reshape(batch, num_slots, masks.shape[-2], masks.shape[-1]),
+            iou.reshape(batch, num_slots),
+        )
+
+    # ------------------------------------------------------------------ validation
+    def _check_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        sam_pixel_values: torch.Tensor | None,
+        image_embeddings: torch.Tensor | None,
+        gt_masks: torch.Tensor | None,
+        num_objects: torch.Tensor | None,
+        valid_mask: torch.Tensor | None,
+    ) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"SegCompassForReasoningSegmentation.forward: {message}")
+
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            fail(
+                "`input_ids` must be a (B, L) LongTensor (use SegCompassProcessor); got "
+                f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}."
+            )
+        batch, length = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+            fail(
+                f"`attention_mask` must be (B, L) = {(batch, length)}; got {tuple(attention_mask.shape)}."
+            )
+        if sam_pixel_values is None and image_embeddings is None:
+            fail(
+                "pass either `sam_pixel_values` (B, 3, S, S) from SegCompassProcessor, or "
+                "precomputed `image_embeddings` (B, C, E, E)."
+            )
+        channels, side = self.config.image_embedding_channels, self.config.image_embedding_size
+        if image_embeddings is not None and (
+            image_embeddings.dim() != 4 or tuple(image_embeddings.shape[1:]) != (channels, side, side)
+            or image_embeddings.shape[0] != batch
+        ):  # fmt: skip
+            fail(
+                f"`image_embeddings` must be (B={batch}, C={channels}, E={side}, E={side}); got "
+                f"{tuple(image_embeddings.shape)}."
+            )
+        if sam_pixel_values is not None and image_embeddings is None and (
+            sam_pixel_values.dim() != 4 or sam_pixel_values.shape[0] != batch
+            or sam_pixel_values.shape[1] != 3
+        ):  # fmt: skip
+            fail(
+                f"`sam_pixel_values` must be (B={batch}, 3, S, S); got {tuple(sam_pixel_values.shape)}."
+            )
+        size = self.config.mask_size
+        if gt_masks is not None:
+            if (
+                gt_masks.dim() != 4
+                or gt_masks.shape[0] != batch
+                or tuple(gt_masks.shape[2:]) != (size, size)
+            ):
+                fail(
+                    f"`gt_masks` must be (B={batch}, G, {size}, {size}) on the mask grid "
+                    f"(SegCompassProcessor resizes masks for you); got {tuple(gt_masks.shape)}."
+                )
+            if gt_masks.is_floating_point() and not torch.isfinite(gt_masks).all():
+                fail("`gt_masks` contains NaN or Inf values.")
+        if num_objects is not None:
+            if num_objects.shape != (batch,):
+                fail(f"`num_objects` must be (B={batch},); got {tuple(num_objects.shape)}.")
+            if num_objects.numel() and (
+                int(num_objects.max()) > self.config.num_slots or int(num_objects.min()) < 0
+            ):
+                fail(
+                    f"`num_objects` must lie in [0, num_slots={self.config.num_slots}]; got "
+                    f"{num_objects.tolist()}. Drop samples with more objects than slots or raise "
+                    "config.num_slots."
+                )
+            if (
+                gt_masks is not None
+                and num_objects.numel()
+                and int(num_objects.max()) > gt_masks.shape[1]
+            ):
+                fail(
+                    f"`num_objects` ({num_objects.tolist()}) exceeds the number of ground-truth "
+                    f"masks G={gt_masks.shape[1]}."
+                )
+        if valid_mask is not None and tuple(valid_mask.shape) != (batch, size, size):
+            fail(
+                f"`valid_mask` must be (B={batch}, {size}, {size}); got {tuple(valid_mask.shape)}."
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        gt_masks: torch.Tensor | None = None,
+        num_objects: torch.LongTensor | None = None,
+        valid_mask: torch.Tensor | None = None,
+        compute_logits: bool = True,
+        sparse_codebook: bool | None = None,
+        **vlm_kwargs: Any,
+    ) -> SegCompassOutput:
+        r"""
+        Args:
+            input_ids (B, L): prompt + response with the `<REF_POS>` tokens.
+            attention_mask (B, L): 1 for tokens, 0 for padding.
+            pixel_values, image_grid_thw: the VLM's image inputs (Qwen2.5-VL format; other
+                VLMs take their own keys through `**vlm_kwargs`).
+            sam_pixel_values (B, 3, S, S): the SAM frame (resized, padded, normalised).
+            image_embeddings (B, C, E, E): precomputed image embeddings (skip the encoder).
+            labels (B, L): next-token targets, -100 outside the response.
+            gt_masks (B, G, M, M): ground-truth masks on the mask grid.
+            num_objects (B,): real masks per sample (0 = no target); default: the non-empty ones.
+            valid_mask (B, M, M): True on the unpadded image area (losses ignore the rest).
+            compute_logits: also return the LM logits (B, L, V).
+            sparse_codebook: override `config.sparse_codebook` for this call.
+        """
+        self._check_inputs(
+            input_ids, attention_mask, sam_pixel_values, image_embeddings, gt_masks, num_objects,
+            valid_mask,
+        )  # fmt: skip
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        # 1. One VLM pass; the SAE input is captured at `sae_layer` by a hook.
+        layer = _decoder_layers(self.vlm)[cfg.sae_layer]
+        handle = layer.register_forward_hook(self._capture_hook)
+        try:
+            if image_grid_thw is not None:  # Qwen2-VL family; other VLMs do not take it
+                vlm_kwargs["image_grid_thw"] = image_grid_thw
+            base_out = self.vlm.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                use_cache=False,
+                **vlm_kwargs,
+            )
+        finally:
+            handle.remove()
+        sae_input = self._sae_capture.pop("hidden")  # (B, L, d)
+        last_hidden = base_out.last_hidden_state  # (B, L, d)
+        logits = self.vlm.lm_head(last_hidden) if (compute_logits or labels is not None) else None
+
+        # 2. <REF_POS> states (last K per row, zeros where fewer).
+        ref_states, ref_mask = gather_ref_hidden_states(
+            last_hidden, input_ids, cfg.ref_token_id, cfg.num_slots
+        )
+
+        # 3. Sparse concepts of every token; padding carries no concept.
+        codes = self.sae.encode(sae_input)
+        token_mask = attention_mask.bool()
+        concept_values = codes.values * token_mask.unsqueeze(-1).to(codes.values.dtype)
+        concept_indices = codes.indices
+
+        # 4. Slots gather concepts; 5. slots become heatmaps; 6. SAM turns them into masks.
+        sparse = cfg.sparse_codebook if sparse_codebook is None else sparse_codebook
+        book = self.codebook(concept_indices, concept_values, attention_mask, sparse=sparse)
+        if image_embeddings is None:
+            image_embeddings = self.encode_image(sam_pixel_values)
+        mapped = self.slot_mapper(book.slots, ref_states, image_embeddings)
+        mask_logits, iou_scores = self.decode_masks(mapped.heatmap_logits, image_embeddings)
+
+        # 7. Losses.
+        losses: dict[str, torch.Tensor] = {}
+        if labels is not None:
+            losses["lm"] = self._lm_loss(logits, labels)
+        if cfg.sae_reconstruction_weight > 0 and (labels is not None or gt_masks is not None):
+            losses["sae"] = self._sae_loss(sae_input, token_mask)
+        slot_to_target = None
+        if gt_masks is not None:
+            gt = gt_masks.to(mask_logits.dtype)
+            if num_objects is None:
+                num_objects = (gt.flatten(2) > 0.5).any(-1).sum(-1)
+            seg = compute_segmentation_loss(
+                heatmap_logits=mapped.heatmap_logits,
+                mask_logits=mask_logits,
+                conf_logits=mapped.conf_logits,
+                gt_masks=gt,
+                num_objects=num_objects,
+                valid_mask=valid_mask,
+                heatmap_bce_weight=cfg.heatmap_bce_weight,
+                heatmap_dice_weight=cfg.heatmap_dice_weight,
+                mask_dice_weight=cfg.mask_dice_weight,
+                mask_focal_weight=cfg.mask_focal_weight,
+                focal_alpha=cfg.focal_alpha,
+                focal_gamma=cfg.focal_gamma,
+                iou_predictions=iou_scores,
+                iou_loss_weight=cfg.iou_loss_weight,
+            )
+            slot_to_target = seg.assignment.slot_to_target
+            losses["seg"] = seg.seg_loss
+            losses["conf"] = seg.conf_loss
+        loss = None
+        weights = {
+            "lm": cfg.lm_loss_weight,
+            "seg": cfg.seg_loss_weight,
+            "conf": cfg.conf_loss_weight,
+            "sae": cfg.sae_reconstruction_weight,
+        }
+        for name, value in losses.items():
+            term = weights[name] * value
+            loss = term if loss is None else loss + term
+
+        return SegCompassOutput(
+            loss=loss,
+            lm_loss=losses.get("lm"),
+            seg_loss=losses.get("seg"),
+            conf_loss=losses.get("conf"),
+            sae_loss=losses.get("sae"),
+            logits=logits if compute_logits else None,
+            heatmap_logits=mapped.heatmap_logits,
+            conf_logits=mapped.conf_logits,
+            mask_logits=mask_logits,
+            iou_scores=iou_scores,
+            ref_hidden_states=ref_states,
+            ref_mask=ref_mask,
+            concept_indices=concept_indices,
+            concept_values=concept_values,
+            slot_concept_weights=book.slot_concept_weights,
+            slot_token_attention=book.slot_token_attention,
+            image_embeddings=image_embeddings,
+            slot_to_target=slot_to_target,
+        )
+
+    # ------------------------------------------------------------------ loss pieces
+    @staticmethod
+    def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled positions (0 if there are none)."""
+        shift_logits = logits[:, :-1].float()  # (B, L-1, V)
+        shift_labels = labels[:, 1:].to(logits.device)  # (B, L-1)
+        if not (shift_labels != -100).any():
+            return shift_logits.sum() * 0.0
+        return F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+        )
+
+    def _sae_loss(self, sae_input: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Reconstruction MSE / variance of the (detached) SAE input over real tokens.
+
+        The target is detached so that this term trains the SAE only; the LLM learns
+        through the concept path.
+        """
+        target = sae_input.detach()
+        recon = self.sae.decode(self.sae.encode(target))
+        real = token_mask.unsqueeze(-1).to(target.dtype)  # (B, L, 1)
+        count = real.sum().clamp_min(1.0)
+        mean = (target * real).sum((0, 1)) / count
+        variance = (((target - mean) ** 2) * real).sum() / count
+        error = (((recon - target) ** 2) * real).sum() / count
+        return error / variance.clamp_min(1e-8)
+
+    # ------------------------------------------------------------------ generation
+    def can_generate(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The VLM's `generate` (SAM-side inputs are dropped): writes the CoT and `<REF_POS>`."""
+        for key in (
+            "sam_pixel_values", "image_embeddings", "gt_masks", "num_objects", "valid_mask",
+            "original_sizes", "reshaped_input_sizes", "labels",
+        ):  # fmt: skip
+            kwargs.pop(key, None)
+        return self.vlm.generate(*args, **kwargs)
+
+
+__all__ = [
+    "SegCompassForReasoningSegmentation",
+    "SegCompassOutput",
+    "SegCompassPreTrainedModel",
+    "gather_ref_hidden_states",
+]

@@ -1,0 +1,778 @@
+"""The sparse autoencoder (SAE) that turns LLM hidden states into sparse concepts.
+
+SegCompass (paper, data flow step 2) encodes the hidden states of every token at one middle
+layer of the multimodal LLM with an SAE; the active latents are the "concepts" the query
+codebook gathers. This module implements the three SAE families the package supports
+(relu, the "standard" SAE of SAELens; topk; jumprelu), with parameters named and laid out
+exactly as in SAELens (``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae), ``W_dec`` (d_sae, d_in),
+``b_dec`` (d_in), jumprelu adds ``threshold`` (d_sae)) and reads and writes the SAELens
+folder format (``cfg.json`` + ``sae_weights.safetensors``) without depending on sae-lens.
+
+Codes are returned sparse, as :class:`SparseCodes` ``(indices, values)`` of shape (..., n),
+so that a (B, L, 65536) dense code is never built on the model's hot path: the encoder
+works on row chunks of at most ``chunk_size`` positions, so the transient dense
+pre-activation buffer is (chunk_size, d_sae), never (B * L, d_sae).
+
+This is a remote-code file: it imports only the standard library, torch and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SAE_CFG_FILENAME = "cfg.json"
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+ARCHITECTURES = ("relu", "topk", "jumprelu")
+# SAELens calls the ReLU SAE "standard"; map our names to theirs and back.
+_TO_SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+_FROM_SAELENS_ARCHITECTURE = {
+    "standard": "relu",
+    "relu": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+}
+# The cfg.json layout we write is that of SAELens 6.x (hook names inside "metadata"). SAELens
+# reads `metadata.sae_lens_version` to decide which layout a folder uses; this names the
+# layout, it does not claim that SAELens produced the file.
+SAELENS_CFG_LAYOUT_VERSION = "6.0.0"
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+class SparseCodes(NamedTuple):
+    """Sparse SAE codes: for every position, the n latents kept and their activations.
+
+    A slot is active iff its value is non-zero; inactive (padding) slots hold value 0 and
+    index 0. Within a position the values are sorted in decreasing order.
+
+    Attributes:
+        indices: LongTensor (..., n), latent ids in [0, d_sae).
+        values: Tensor (..., n), the activations (same dtype as the SAE parameters).
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+
+
+class SparseAutoencoderOutput(NamedTuple):
+    """Output of :meth:`SparseAutoencoder.forward`.
+
+    Attributes:
+        reconstruction: Tensor (..., d_in), ``decode(encode(x))``.
+        codes: :class:`SparseCodes` with indices and values of shape (..., n).
+        fvu: scalar Tensor, the fraction of variance unexplained of the reconstruction
+            over all positions of the batch (see :func:`fraction_of_variance_unexplained`).
+    """
+
+    reconstruction: torch.Tensor
+    codes: SparseCodes
+    fvu: torch.Tensor
+
+
+class _JumpReLUWithThresholdGradient(torch.autograd.Function):
+    """JumpReLU ``pre * (pre > threshold)`` with the pseudo-gradient for the threshold.
+
+    The gradient for ``pre`` is the plain one (``pre > threshold``); the threshold gets the
+    straight-through estimate of Rajamanoharan et al. 2024 (JumpReLU SAEs, eq. 11), with a
+    rectangle kernel of width ``bandwidth``, as SAELens' JumpReLU training SAE does.
+    """
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        pre, threshold = ctx.saved_tensors
+        bandwidth = ctx.bandwidth
+        grad_pre = grad_output * (pre > threshold).to(grad_output.dtype)
+        in_window = ((pre - threshold).abs() < bandwidth / 2).to(grad_output.dtype)
+        grad_threshold = -(threshold / bandwidth) * in_window * grad_output
+        grad_threshold = grad_threshold.reshape(-1, threshold.shape[-1]).sum(0)  # (d_sae,)
+        return grad_pre, grad_threshold, None
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return value
+
+
+def _check_non_negative_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+class SparseAutoencoder(nn.Module):
+    """Sparse autoencoder over LLM hidden states, in SAELens layout.
+
+    Encoding (SAELens formula)::
+
+        pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc          # (..., d_sae)
+        relu:     a = relu(pre)
+        topk:     a = relu(pre) on the k largest pre-activations, 0 elsewhere
+        jumprelu: a = pre * (pre > relu(threshold))   (= SAELens' relu(pre) * mask)
+
+    then ``activation_threshold`` zeroes every activation with ``|a| < activation_threshold``
+    (upstream SegCompass applies 2.0 to relu codes before the codebook) and, for relu and
+    jumprelu, ``max_active`` keeps only the largest activations of each position.
+    Decoding: ``a @ W_dec + b_dec``.
+
+    Gradients: :meth:`encode` passes gradients to ``W_enc``, ``b_enc`` and ``b_dec`` through
+    the kept activations; the jumprelu ``threshold`` gets no gradient there (it acts as a
+    constant, which is what joint SegCompass training needs). :meth:`encode_dense` gives the
+    same numbers and, for jumprelu, the JumpReLU pseudo-gradient for ``threshold``
+    (rectangle kernel, width ``jumprelu_bandwidth``), for SAE pretraining.
+
+    Args:
+        d_in: width of the hidden states (the LLM hidden size).
+        d_sae: number of latents (concepts), 65536 in the paper.
+        architecture: one of "relu" (SAELens "standard" is accepted as an alias), "topk",
+            "jumprelu".
+        k: latents kept per position by the topk architecture, 1 <= k <= d_sae.
+        apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding (SAELens).
+        jumprelu_init_threshold: initial value of every jumprelu threshold.
+        activation_threshold: activations with ``|a| < activation_threshold`` are zeroed,
+            for every architecture; 0 disables it.
+        max_active: if set, at most this many latents per position are kept (the largest);
+            for topk the effective k is ``min(k, max_active)``.
+        chunk_size: positions encoded at once; bounds the transient (chunk_size, d_sae)
+            pre-activation buffer.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_in: int,
+        d_sae: int,
+        architecture: str = "topk",
+        k: int = 32,
+        apply_b_dec_to_input: bool = True,
+        jumprelu_init_threshold: float = 0.001,
+        activation_threshold: float = 0.0,
+        max_active: int | None = None,
+        chunk_size: int = 512,
+    ) -> None:
+        super().__init__()
+        self.d_in = _check_positive_int("d_in", d_in)
+        self.d_sae = _check_positive_int("d_sae", d_sae)
+        if architecture not in _FROM_SAELENS_ARCHITECTURE:
+            raise ValueError(
+                f"Unknown SAE architecture {architecture!r}; expected one of "
+                f"{sorted(ARCHITECTURES)} (SAELens' 'standard' is accepted for 'relu')."
+            )
+        self.architecture = _FROM_SAELENS_ARCHITECTURE[architecture]
+        self.k = _check_positive_int("k", k)
+        if self.architecture == "topk" and k > d_sae:
+            raise ValueError(
+                f"`k` must be between 1 and d_sae={d_sae} for a topk SAE, got k={k}; "
+                "lower k or raise d_sae."
+            )
+        if not isinstance(apply_b_dec_to_input, bool):
+            raise ValueError(
+                f"`apply_b_dec_to_input` must be a bool, got {apply_b_dec_to_input!r}."
+            )
+        self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.jumprelu_init_threshold = _check_non_negative_float(
+            "jumprelu_init_threshold", jumprelu_init_threshold
+        )
+        self.activation_threshold = _check_non_negative_float(
+            "activation_threshold", activation_threshold
+        )
+        if max_active is not None:
+            _check_positive_int("max_active", max_active)
+            if max_active > d_sae:
+                raise ValueError(
+                    f"`max_active` must be between 1 and d_sae={d_sae} (or None), got {max_active}."
+                )
+        self.max_active = max_active
+        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+        # Width of the rectangle kernel of the jumprelu threshold pseudo-gradient (SAELens
+        # default 0.05); only used by encode_dense.
+        self.jumprelu_bandwidth = 0.05
+        # Free-form SAELens metadata (hook_name, model_name, ...) kept across load/save.
+        self.sae_metadata: dict = {}
+
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.empty(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.empty(d_in))
+        if self.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.empty(d_sae))
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        extra = f", k={self.k}" if self.architecture == "topk" else ""
+        return (
+            f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture!r}{extra}, "
+            f"activation_threshold={self.activation_threshold}, max_active={self.max_active}"
+        )
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise: W_dec rows of unit norm, ``W_enc = W_dec.T``, zero biases.
+
+        The tied start (encoder = decoder transpose) is the SAELens / OpenAI topk
+        initialisation; jumprelu thresholds start at ``jumprelu_init_threshold``.
+        """
+        nn.init.kaiming_uniform_(self.W_dec)
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if self.architecture == "jumprelu":
+            self.threshold.fill_(self.jumprelu_init_threshold)
+
+    # ------------------------------------------------------------------ encoding
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SparseAutoencoder expects a torch.Tensor, got {type(x).__name__}.")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"SparseAutoencoder expects floating-point hidden states, got dtype {x.dtype}."
+            )
+        if x.dim() == 0 or x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"SparseAutoencoder expected inputs of shape (..., d_in={self.d_in}), got shape "
+                f"{tuple(x.shape)}; pass hidden states of the layer the SAE was trained on or "
+                f"build the SAE with d_in={x.shape[-1] if x.dim() else '?'}."
+            )
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations ``(x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc``.
+
+        Args:
+            x: hidden states (..., d_in); cast to the SAE dtype.
+
+        Returns:
+            Tensor (..., d_sae). Dense: call it on a few rows at a time for large d_sae.
+        """
+        self._check_input(x)
+        sae_in = x.to(self.W_enc.dtype)
+        if self.apply_b_dec_to_input:
+            sae_in = sae_in - self.b_dec
+        return sae_in @ self.W_enc + self.b_enc
+
+    def _effective_k(self) -> int:
+        return self.k if self.max_active is None else min(self.k, self.max_active)
+
+    def _activate(self, pre: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+        """Elementwise activation for relu / jumprelu (also used on gathered entries).
+
+        ``threshold`` is the (relu'd) jumprelu threshold broadcastable to ``pre``.
+        """
+        if self.architecture == "jumprelu":
+            return pre * (pre > threshold).to(pre.dtype)
+        return F.relu(pre)
+
+    def _apply_activation_threshold(self, acts: torch.Tensor) -> torch.Tensor:
+        # Upstream SegCompass zeroes |a| < threshold before the codebook (threshold 2.0).
+        if self.activation_threshold > 0:
+            acts = acts.masked_fill(acts.abs() < self.activation_threshold, 0)
+        return acts
+
+    def _dense_selection_scores(self, pre: torch.Tensor) -> torch.Tensor:
+        """relu / jumprelu activations after the activation threshold (no grad needed)."""
+        threshold = self.threshold.relu() if self.architecture == "jumprelu" else None
+        return self._apply_activation_threshold(self._activate(pre, threshold))
+
+    def _encode_rows(self, x_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse codes of a (C, d_in) chunk -> (values (C, n_c), indices (C, n_c))."""
+        pre = self.pre_activations(x_rows)  # (C, d_sae): the only dense buffer, per chunk
+        with torch.no_grad():
+            if self.architecture == "topk":
+                indices = pre.topk(self._effective_k(), dim=-1).indices  # (C, k)
+            else:
+                scores = self._dense_selection_scores(pre)
+                n_active = int((scores != 0).sum(-1).max()) if scores.shape[0] else 0
+                # At least one slot, so that downstream attention always has a key.
+                n_keep = max(1, n_active)
+                if self.max_active is not None:
+                    n_keep = min(n_keep, self.max_active)
+                indices = scores.topk(n_keep, dim=-1).indices  # (C, n_keep)
+        # Pick the kept pre-activations and activate only those. Advanced indexing (unlike
+        # gather) saves only the index for backward, so autograd keeps (C, n) tensors and
+        # the chunk's dense (C, d_sae) buffer is freed when this function returns.
+        rows = torch.arange(indices.shape[0], device=indices.device)[:, None]  # (C, 1)
+        picked = pre[rows, indices]  # (C, n)
+        if self.architecture == "topk":
+            values = F.relu(picked)
+        else:
+            threshold = (
+                self.threshold.detach().relu()[indices] if self.architecture == "jumprelu" else None
+            )
+            values = self._activate(picked, threshold)
+        values = self._apply_activation_threshold(values)
+        indices = indices.masked_fill(values == 0, 0)
+        return values, indices
+
+    def _row_chunks(self, x: torch.Tensor):
+        rows = x.reshape(-1, self.d_in)  # (N, d_in), N = prod(leading dims)
+        for start in range(0, rows.shape[0], self.chunk_size):
+            yield rows[start : start + self.chunk_size]
+
+    def encode(self, x: torch.Tensor) -> SparseCodes:
+        """Encode hidden states into sparse codes, never building a dense (..., d_sae) code.
+
+        Args:
+            x: hidden states (..., d_in).
+
+        Returns:
+            :class:`SparseCodes` of shape (..., n): n = ``min(k, max_active)`` for topk; for
+            relu / jumprelu n = the largest number of active latents at any position (at
+            least 1, at most ``max_active``), other positions padded with value 0, index 0.
+        """
+        self._check_input(x)
+        lead = x.shape[:-1]
+        pieces = [self._encode_rows(rows) for rows in self._row_chunks(x)]
+        if not pieces:  # no positions at all
+            n = self._effective_k() if self.architecture == "topk" else 1
+            values = x.new_zeros(*lead, n, dtype=self.W_enc.dtype)
+            return SparseCodes(torch.zeros(*lead, n, dtype=torch.long, device=x.device), values)
+        n = max(v.shape[-1] for v, _ in pieces)
+        values = torch.cat([F.pad(v, (0, n - v.shape[-1])) for v, _ in pieces])  # (N, n)
+        indices = torch.cat([F.pad(i, (0, n - i.shape[-1])) for _, i in pieces])  # (N, n)
+        return SparseCodes(indices.reshape(*lead, n), values.reshape(*lead, n))  # (..., n)
+
+    def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense codes (..., d_sae) with exactly the numbers of :meth:`encode`.
+
+        The reference path (upstream SegCompass feeds dense codes to its codebook) and the
+        training path of a jumprelu threshold (pseudo-gradient, see the class docstring).
+        """
+        self._check_input(x)
+        lead = x.shape[:-1]
+        pieces = []
+        for rows in self._row_chunks(x):
+            pre = self.pre_activations(rows)  # (C, d_sae)
+            if self.architecture == "topk":
+                top = pre.topk(self._effective_k(), dim=-1)
+                acts = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
+            elif self.architecture == "jumprelu":
+                acts = _JumpReLUWithThresholdGradient.apply(
+                    pre, self.threshold.relu(), self.jumprelu_bandwidth
+                )
+            else:
+                acts = F.relu(pre)
+            acts = self._apply_activation_threshold(acts)
+            if self.architecture != "topk" and self.max_active is not None:
+                keep = acts.detach().topk(self.max_active, dim=-1).indices
+                mask = torch.zeros_like(acts, dtype=torch.bool).scatter(-1, keep, True)
+                acts = acts * mask.to(acts.dtype)
+            pieces.append(acts)
+        if not pieces:
+            return x.new_zeros(*lead, self.d_sae, dtype=self.W_enc.dtype)
+        return torch.cat(pieces).reshape(*lead, self.d_sae)  # (..., d_sae)
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, codes: SparseCodes | torch.Tensor) -> torch.Tensor:
+        """Reconstruct hidden states: ``codes @ W_dec + b_dec``.
+
+        Args:
+            codes: :class:`SparseCodes` (..., n) (decoded with an embedding bag over the
+                active rows of W_dec, no dense code is built) or dense codes (..., d_sae).
+
+        Returns:
+            Tensor (..., d_in).
+        """
+        if isinstance(codes, torch.Tensor):
+            if codes.dim() == 0 or codes.shape[-1] != self.d_sae:
+                raise ValueError(
+                    f"Dense SAE codes must have shape (..., d_sae={self.d_sae}), got "
+                    f"{tuple(codes.shape)}; pass SparseCodes from encode() or encode_dense()."
+                )
+            return codes.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        if not (isinstance(codes, tuple) and len(codes) == 2):
+            raise TypeError(
+                "decode() expects SparseCodes(indices, values) or a dense tensor (..., d_sae), "
+                f"got {type(codes).__name__}."
+            )
+        indices, values = codes
+        if indices.shape != values.shape or indices.dim() == 0:
+            raise ValueError(
+                "SparseCodes indices and values must have the same shape (..., n), got "
+                f"{tuple(indices.shape)} and {tuple(values.shape)}."
+            )
+        if indices.dtype not in (torch.long, torch.int32, torch.int64):
+            raise TypeError(f"SparseCodes indices must be integers, got dtype {indices.dtype}.")
+        lead, n = indices.shape[:-1], indices.shape[-1]
+        if n == 0 or indices.numel() == 0:
+            return self.b_dec.expand(*lead, self.d_in).clone()
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= self.d_sae:
+            raise ValueError(
+                f"SparseCodes indices must lie in [0, d_sae={self.d_sae}), got values in "
+                f"[{low}, {high}]; were the codes made by an SAE of another width?"
+            )
+        flat_indices = indices.reshape(-1, n).long()  # (N, n)
+        flat_values = values.reshape(-1, n).to(self.W_dec.dtype)  # (N, n)
+        out = F.embedding_bag(
+            flat_indices, self.W_dec, per_sample_weights=flat_values, mode="sum"
+        )  # (N, d_in)
+        return (out + self.b_dec).reshape(*lead, self.d_in)  # (..., d_in)
+
+    def forward(self, x: torch.Tensor) -> SparseAutoencoderOutput:
+        """Encode then decode ``x`` (..., d_in); see :class:`SparseAutoencoderOutput`."""
+        codes = self.encode(x)
+        reconstruction = self.decode(codes)
+        fvu = fraction_of_variance_unexplained(x.to(reconstruction.dtype), reconstruction)
+        return SparseAutoencoderOutput(reconstruction=reconstruction, codes=codes, fvu=fvu)
+
+    # ------------------------------------------------------------------ SAELens IO
+    def to_sae_lens_config(
+        self, *, hook_name: str | None = None, hook_layer: int | None = None
+    ) -> dict:
+        """The SAELens 6.x ``cfg.json`` dict describing this SAE."""
+        dtype_name = str(self.W_enc.dtype).replace("torch.", "")
+        metadata = {"sae_lens_version": SAELENS_CFG_LAYOUT_VERSION, **self.sae_metadata}
+        if hook_name is not None:
+            metadata["hook_name"] = hook_name
+        if hook_layer is not None:
+            metadata["hook_layer"] = hook_layer
+        # SegCompass-only encoding options live in metadata, which SAELens keeps verbatim.
+        metadata["segcompass"] = {
+            "activation_threshold": self.activation_threshold,
+            "max_active": self.max_active,
+            "chunk_size": self.chunk_size,
+        }
+        cfg = {
+            "architecture": _TO_SAELENS_ARCHITECTURE[self.architecture],
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": dtype_name,
+            # Where SAELens puts the weights by default; "cpu" loads on any machine.
+            "device": "cpu",
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": metadata,
+        }
+        if self.architecture == "topk":
+            cfg["k"] = self.k
+            cfg["rescale_acts_by_decoder_norm"] = False
+        return cfg
+
+    def save(
+        self,
+        folder: str | os.PathLike,
+        *,
+        hook_name: str | None = None,
+        hook_layer: int | None = None,
+    ) -> None:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` (SAELens format) to ``folder``."""
+        os.makedirs(folder, exist_ok=True)
+        cfg = self.to_sae_lens_config(hook_name=hook_name, hook_layer=hook_layer)
+        tensors = {
+            name: param.detach().to("cpu").contiguous().clone()
+            for name, param in self.named_parameters()
+        }
+        save_file(tensors, os.path.join(folder, SAE_WEIGHTS_FILENAME), metadata={"format": "pt"})
+        with open(os.path.join(folder, SAE_CFG_FILENAME), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2)
+        logger.info(
+            "Saved %s SAE (d_in=%d, d_sae=%d) to %s",
+            self.architecture,
+            self.d_in,
+            self.d_sae,
+            folder,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        activation_threshold: float | None = None,
+        max_active: int | None = None,
+        chunk_size: int | None = None,
+    ) -> SparseAutoencoder:
+        """Load an SAE folder in SAELens format (``cfg.json`` + ``sae_weights.safetensors``).
+
+        Reads SAELens 6.x layouts and the older flat ones (``activation_fn_str`` /
+        ``activation_fn_kwargs`` for topk, ``hook_point``), with safetensors only.
+
+        Args:
+            folder: the folder.
+            device: where to put the weights (default CPU; the cfg's device is ignored).
+            dtype: torch dtype or its name; default the cfg's ``dtype`` (else float32).
+            activation_threshold, max_active, chunk_size: override the encoding options
+                stored by :meth:`save` (defaults 0.0, None, 512 for foreign folders).
+
+        Raises:
+            FileNotFoundError: missing folder, cfg.json or weights (a folder with only
+                pickle files is refused: convert it to safetensors).
+            ValueError: unsupported architecture or normalisation, missing or misshapen
+                tensors.
+        """
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"SAE folder {folder!r} does not exist or is not a folder.")
+        files = sorted(os.listdir(folder))
+        cfg_path = os.path.join(folder, SAE_CFG_FILENAME)
+        weights_path = os.path.join(folder, SAE_WEIGHTS_FILENAME)
+        if not os.path.isfile(weights_path):
+            pickles = [f for f in files if f.lower().endswith(_PICKLE_SUFFIXES)]
+            if pickles:
+                raise FileNotFoundError(
+                    f"SAE folder {folder!r} holds only pickle checkpoints {pickles}; refusing to "
+                    "unpickle (it can run arbitrary code). Convert it to safetensors, e.g. "
+                    "safetensors.torch.save_file(torch.load(path, weights_only=True), "
+                    f"'{SAE_WEIGHTS_FILENAME}') in a trusted environment, and add a cfg.json."
+                )
+            raise FileNotFoundError(
+                f"SAE folder {folder!r} has no {SAE_WEIGHTS_FILENAME} (found {files}); expected "
+                f"the SAELens format: {SAE_CFG_FILENAME} + {SAE_WEIGHTS_FILENAME}."
+            )
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(
+                f"SAE folder {folder!r} has no {SAE_CFG_FILENAME} (found {files}); expected "
+                f"the SAELens format: {SAE_CFG_FILENAME} + {SAE_WEIGHTS_FILENAME}."
+            )
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        options = _parse_sae_lens_config(cfg, source=cfg_path)
+
+        if dtype is None:
+            dtype = options.pop("dtype")
+        else:
+            options.pop("dtype")
+        torch_dtype = _resolve_dtype(dtype, source="the `dtype` argument")
+        stored = options.pop("segcompass")
+        overrides = {
+            "activation_threshold": activation_threshold,
+            "max_active": max_active,
+            "chunk_size": chunk_size,
+        }
+        for name, value in overrides.items():
+            if value is not None:
+                stored[name] = value
+        metadata = options.pop("metadata")
+        rescale_by_decoder_norm = options.pop("rescale_acts_by_decoder_norm")
+
+        state = load_file(weights_path, device="cpu")
+        state = _check_state(state, options, source=weights_path)
+        if rescale_by_decoder_norm:
+            # SAELens topk with rescale_acts_by_decoder_norm multiplies pre-activations by
+            # ||W_dec_i|| and divides activations by it before decoding: folding the norms
+            # into W_enc, b_enc, W_dec gives the same codes and reconstructions.
+            norms = state["W_dec"].norm(dim=-1).clamp_min(1e-8)
+            state["W_enc"] = state["W_enc"] * norms
+            state["b_enc"] = state["b_enc"] * norms
+            state["W_dec"] = state["W_dec"] / norms[:, None]
+            logger.info("Folded decoder norms into the encoder (rescale_acts_by_decoder_norm).")
+
+        with torch.device("meta"):
+            sae = cls(**options, **stored)
+        state = {name: t.to(device=device or "cpu", dtype=torch_dtype) for name, t in state.items()}
+        sae.load_state_dict(state, assign=True)
+        sae.sae_metadata = {k: v for k, v in metadata.items() if k != "segcompass"}
+        logger.info(
+            "Loaded %s SAE (d_in=%d, d_sae=%d) from %s",
+            sae.architecture,
+            sae.d_in,
+            sae.d_sae,
+            folder,
+        )
+        return sae
+
+
+# ---------------------------------------------------------------------- SAELens cfg helpers
+def _resolve_dtype(dtype: str | torch.dtype, *, source: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    if name not in _DTYPES:
+        raise ValueError(
+            f"Unsupported SAE dtype {dtype!r} in {source}; expected one of {sorted(_DTYPES)}."
+        )
+    return _DTYPES[name]
+
+
+def _parse_sae_lens_config(cfg: dict, *, source: str) -> dict:
+    """SAELens cfg dict (6.x or older flat layout) -> SparseAutoencoder kwargs + extras."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source} must hold a JSON object, got {type(cfg).__name__}.")
+    for key in ("d_in", "d_sae"):
+        if key not in cfg:
+            raise ValueError(f"{source} lacks the required key {key!r} (SAELens cfg.json).")
+    metadata = dict(cfg.get("metadata") or {})
+    for old, new in (
+        ("hook_point", "hook_name"),
+        ("hook_name", "hook_name"),
+        ("hook_layer", "hook_layer"),
+        ("model_name", "model_name"),
+    ):
+        if old in cfg and new not in metadata:
+            metadata[new] = cfg[old]
+
+    architecture = cfg.get("architecture", "standard")
+    activation_fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    fn_kwargs = cfg.get("activation_fn_kwargs") or {}
+    if architecture == "standard" and activation_fn == "topk":
+        # SAELens < 6 stored topk SAEs as "standard" with activation_fn_str "topk".
+        architecture = "topk"
+    if architecture not in _FROM_SAELENS_ARCHITECTURE:
+        raise ValueError(
+            f"SAE architecture {architecture!r} in {source} is not supported; supported are "
+            "'standard' (relu), 'topk' and 'jumprelu'. Convert the SAE to one of them."
+        )
+    architecture = _FROM_SAELENS_ARCHITECTURE[architecture]
+    if architecture == "relu" and activation_fn not in ("relu", None):
+        raise ValueError(
+            f"SAE activation_fn {activation_fn!r} in {source} is not supported for a standard "
+            "SAE; only 'relu' (or architecture 'topk' / 'jumprelu') is."
+        )
+
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize in (None, False, "none"):
+        pass
+    else:
+        raise ValueError(
+            f"normalize_activations={normalize!r} in {source} is not supported; only 'none' is. "
+            "Fold the normalisation into the weights first (SAELens: "
+            "sae.fold_activation_norm_scaling_factor(factor)) and save again."
+        )
+    reshape = cfg.get("reshape_activations", "none")
+    if reshape not in (None, "none"):
+        raise ValueError(
+            f"reshape_activations={reshape!r} in {source} is not supported (attention hook_z "
+            "SAEs); SegCompass encodes residual-stream hidden states of shape (..., d_in)."
+        )
+    if cfg.get("finetuning_scaling_factor"):
+        raise ValueError(
+            f"{source} sets finetuning_scaling_factor, which is not supported; fold the "
+            "scaling factor into W_dec and save again."
+        )
+
+    options: dict = {
+        "d_in": cfg["d_in"],
+        "d_sae": cfg["d_sae"],
+        "architecture": architecture,
+        "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input", True),
+        "dtype": _resolve_dtype(cfg.get("dtype", "float32"), source=source),
+        "metadata": metadata,
+        "rescale_acts_by_decoder_norm": bool(cfg.get("rescale_acts_by_decoder_norm", False)),
+        "segcompass": {
+            key: value
+            for key, value in (metadata.get("segcompass") or {}).items()
+            if key in ("activation_threshold", "max_active", "chunk_size")
+        },
+    }
+    if architecture == "topk":
+        k = cfg.get("k", fn_kwargs.get("k"))
+        if k is None:
+            raise ValueError(
+                f"{source} describes a topk SAE but has no 'k' (nor activation_fn_kwargs.k)."
+            )
+        options["k"] = k
+    return options
+
+
+def _check_state(state: dict, options: dict, *, source: str) -> dict:
+    """Validate tensor names and shapes of a SAELens weights file against its cfg."""
+    state = dict(state)
+    if "log_threshold" in state and "threshold" not in state:
+        # Older SAELens jumprelu checkpoints store log(threshold).
+        state["threshold"] = state.pop("log_threshold").exp()
+    scaling = state.pop("scaling_factor", None)
+    if scaling is not None and not torch.all(scaling == 1):
+        raise ValueError(
+            f"{source} holds a non-trivial 'scaling_factor' tensor, which is not supported; "
+            "fold it into W_dec and save again."
+        )
+    d_in, d_sae = options["d_in"], options["d_sae"]
+    expected = {
+        "W_enc": (d_in, d_sae),
+        "b_enc": (d_sae,),
+        "W_dec": (d_sae, d_in),
+        "b_dec": (d_in,),
+    }
+    if options["architecture"] == "jumprelu":
+        expected["threshold"] = (d_sae,)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(
+            f"{source} lacks the tensors {missing} required by a {options['architecture']} SAE "
+            f"(found {sorted(state)})."
+        )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"{source} holds tensors {unexpected} that a {options['architecture']} SAE does not "
+            f"have (expected exactly {sorted(expected)}); is the cfg's architecture right?"
+        )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(
+                f"Tensor {name!r} in {source} has shape {tuple(state[name].shape)}, but the "
+                f"cfg (d_in={d_in}, d_sae={d_sae}) requires {shape}."
+            )
+    return state
+
+
+# ---------------------------------------------------------------------- metrics
+def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """``sum((x - recon)^2) / sum((x - mean(x))^2)``, the mean taken over all positions.
+
+    Args:
+        x: hidden states (..., d_in).
+        reconstruction: the SAE reconstruction, same shape.
+
+    Returns:
+        Scalar tensor (differentiable). 0 is a perfect reconstruction, 1 is as good as
+        predicting the mean. A batch without variance (a single position) divides by a
+        tiny epsilon instead of zero.
+
+    >>> x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    >>> float(fraction_of_variance_unexplained(x, torch.tensor([[1.0, 1.0], [3.0, 0.0]])))
+    0.5
+    """
+    if x.shape != reconstruction.shape:
+        raise ValueError(
+            f"x and reconstruction must have the same shape, got {tuple(x.shape)} and "
+            f"{tuple(reconstruction.shape)}."
+        )
+    rows = x.reshape(-1, x.shape[-1])  # (N, d_in)
+    recon_rows = reconstruction.reshape(-1, x.shape[-1])  # (N, d_in)
+    residual = (rows - recon_rows).pow(2).sum()
+    total = (rows - rows.mean(0, keepdim=True)).pow(2).sum()
+    return residual / total.clamp_min(torch.finfo(total.dtype).eps)
+
+
+def l0(codes: SparseCodes | torch.Tensor) -> torch.Tensor:
+    """Mean number of active (non-zero) latents per position.
+
+    Args:
+        codes: :class:`SparseCodes` (..., n) or dense codes (..., d_sae).
+
+    Returns:
+        Scalar float tensor.
+
+    >>> float(l0(torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]])))
+    1.0
+    """
+    values = codes.values if isinstance(codes, SparseCodes) else codes
+    return (values != 0).sum(-1).to(torch.float32).mean()
