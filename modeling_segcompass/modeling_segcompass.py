@@ -11,6 +11,7 @@ and its flat siblings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,37 @@ class SegCompassOutput(ModelOutput):
     slot_token_attention: torch.Tensor | None = None
     image_embeddings: torch.Tensor | None = None
     slot_to_target: torch.Tensor | None = None
+
+
+@dataclass
+class SegmentationResult:
+    """What `segment` returns for one image.
+
+    Attributes:
+        text: the generated completion (chain of thought and `<REF_POS>` tokens).
+        masks: (N, H, W) bool masks of the kept slots at the original image size.
+        scores: (N,) sigmoid of the kept slots' confidence logits.
+        slot_indices: (N,) which of the K slots each mask came from.
+        heatmaps: (K, H, W) sigmoid heatmaps of every slot at the original image size.
+        conf_logits: (K,) confidence logits of every slot.
+        input_ids: (L,) the prompt + completion the forward ran on (padding removed).
+        concept_indices: (L, n) active SAE latents per token of `input_ids`.
+        concept_values: (L, n) their activations.
+        slot_concept_weights: (K, L, n) how much each (token, concept) fed each slot.
+        reason: why there is no mask (None when there is at least one).
+    """
+
+    text: str
+    masks: torch.Tensor
+    scores: torch.Tensor
+    slot_indices: torch.Tensor
+    heatmaps: torch.Tensor
+    conf_logits: torch.Tensor
+    input_ids: torch.Tensor
+    concept_indices: torch.Tensor
+    concept_values: torch.Tensor
+    slot_concept_weights: torch.Tensor
+    reason: str | None = None
 
 
 def gather_ref_hidden_states(
@@ -420,6 +452,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         valid_mask: torch.Tensor | None = None,
         compute_logits: bool = True,
         sparse_codebook: bool | None = None,
+        edit_concepts: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        | None = None,
         **vlm_kwargs: Any,
     ) -> SegCompassOutput:
         r"""
@@ -436,6 +470,9 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             valid_mask (B, M, M): True on the unpadded image area (losses ignore the rest).
             compute_logits: also return the LM logits (B, L, V).
             sparse_codebook: override `config.sparse_codebook` for this call.
+            edit_concepts: `f(indices, values) -> (indices, values)` applied to the sparse codes
+                (B, L, n) before the codebook, everything else unchanged: the hook for causal
+                concept ablation / swapping (see `interpret.ablate_concepts`).
         """
         self._check_inputs(
             input_ids, attention_mask, sam_pixel_values, image_embeddings, gt_masks, num_objects,
@@ -474,6 +511,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         token_mask = attention_mask.bool()
         concept_values = codes.values * token_mask.unsqueeze(-1).to(codes.values.dtype)
         concept_indices = codes.indices
+        if edit_concepts is not None:
+            concept_indices, concept_values = edit_concepts(concept_indices, concept_values)
 
         # 4. Slots gather concepts; 5. slots become heatmaps; 6. SAM turns them into masks.
         sparse = cfg.sparse_codebook if sparse_codebook is None else sparse_codebook
@@ -583,15 +622,155 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         """The VLM's `generate` (SAM-side inputs are dropped): writes the CoT and `<REF_POS>`."""
         for key in (
             "sam_pixel_values", "image_embeddings", "gt_masks", "num_objects", "valid_mask",
-            "original_sizes", "reshaped_input_sizes", "labels",
+            "original_sizes", "reshaped_input_sizes", "labels", "edit_concepts",
         ):  # fmt: skip
             kwargs.pop(key, None)
         return self.vlm.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def segment(
+        self,
+        images: Any,
+        instructions: str | list[str],
+        processor: Any = None,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        confidence_threshold: float | None = None,
+        mask_threshold: float | None = None,
+        generation_kwargs: dict[str, Any] | None = None,
+    ) -> list[SegmentationResult]:
+        """Segment what each instruction implies: generate the reasoning, then one forward.
+
+        Args:
+            images: one image or a list (PIL of any mode, numpy, tensors).
+            instructions: one instruction per image.
+            processor: a `SegCompassProcessor` (default: `self.processor` if attached).
+            max_new_tokens: generation budget; it must cover the longest reasoning plus the
+                K `<REF_POS>` tokens, or those samples end without a mask.
+            do_sample: sample instead of greedy decoding.
+            confidence_threshold: keep slots whose confidence logit is >= this
+                (default `config.slot_confidence_threshold`).
+            mask_threshold: mask logits above this are foreground (default `config.mask_threshold`).
+            generation_kwargs: extra arguments for `generate`.
+
+        Returns:
+            One `SegmentationResult` per image. A completion without `<REF_POS>` gets no mask
+            and a `reason`; it never raises.
+        """
+        processor = processor if processor is not None else getattr(self, "processor", None)
+        if processor is None:
+            raise ValueError(
+                "segment() needs a SegCompassProcessor: pass `processor=` or attach one with "
+                "`model.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)`."
+            )
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(
+                f"segment(): max_new_tokens must be a positive int, got {max_new_tokens!r}."
+            )
+        cfg = self.config
+        conf_threshold = (
+            cfg.slot_confidence_threshold if confidence_threshold is None else confidence_threshold
+        )
+        mask_thr = cfg.mask_threshold if mask_threshold is None else mask_threshold
+        single = not isinstance(instructions, (list, tuple))
+        instruction_list = [instructions] if single else list(instructions)
+        image_list = [images] if single or not isinstance(images, (list, tuple)) else list(images)
+        enc = processor(images=image_list, instructions=instruction_list, return_tensors="pt")
+        device = self.device
+        enc = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
+        tokenizer = processor.tokenizer
+        stop_ids = [
+            i
+            for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+            if isinstance(i, int) and i >= 0
+        ]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+        vlm_inputs = {
+            k: enc[k]
+            for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+            if k in enc
+        }
+        generated = self.vlm.generate(
+            **vlm_inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            eos_token_id=stop_ids,
+            pad_token_id=pad_id,
+            **(generation_kwargs or {}),
+        )  # (B, Lp + T)
+        prompt_len = enc["input_ids"].shape[1]
+        completion = generated[:, prompt_len:]  # (B, T)
+        # keep tokens up to and including the first stop token
+        is_stop = torch.zeros_like(completion, dtype=torch.bool)
+        for stop in stop_ids:
+            is_stop |= completion == stop
+        after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # (B, T)
+        completion_mask = ~after_stop
+        completion = completion.masked_fill(after_stop, pad_id)
+        input_ids = torch.cat([enc["input_ids"], completion], dim=1)
+        attention_mask = torch.cat([enc["attention_mask"], completion_mask.long()], dim=1)
+        out = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=enc.get("pixel_values"),
+            image_grid_thw=enc.get("image_grid_thw"),
+            sam_pixel_values=enc["sam_pixel_values"],
+            compute_logits=False,
+        )
+        masks = processor.post_process_masks(
+            out.mask_logits.float(),
+            enc["original_sizes"],
+            enc["reshaped_input_sizes"],
+            threshold=mask_thr,
+        )
+        heatmaps = processor.post_process_masks(
+            out.heatmap_logits.float(),
+            enc["original_sizes"],
+            enc["reshaped_input_sizes"],
+            threshold=None,
+        )
+        results = []
+        for b in range(input_ids.shape[0]):
+            keep_tokens = attention_mask[b].bool()
+            num_refs = int((completion[b][completion_mask[b]] == cfg.ref_token_id).sum())
+            conf = out.conf_logits[b].float()
+            kept = (conf >= conf_threshold) & out.ref_mask[b]
+            reason = None
+            if num_refs == 0:
+                kept = torch.zeros_like(kept)
+                reason = "no <REF_POS> token in the completion, so no slot is grounded"
+            elif not kept.any():
+                reason = (
+                    f"no slot reached the confidence threshold {conf_threshold} (highest "
+                    f"confidence logit {float(conf[out.ref_mask[b]].max()):.3f}): the model "
+                    "answers that there is no such object"
+                )
+            slot_idx = kept.nonzero(as_tuple=True)[0]
+            text = tokenizer.decode(completion[b][completion_mask[b]], skip_special_tokens=True)
+            results.append(
+                SegmentationResult(
+                    text=text.strip(),
+                    masks=masks[b][slot_idx].cpu(),
+                    scores=torch.sigmoid(conf[slot_idx]).cpu(),
+                    slot_indices=slot_idx.cpu(),
+                    heatmaps=torch.sigmoid(heatmaps[b]).cpu(),
+                    conf_logits=conf.cpu(),
+                    input_ids=input_ids[b][keep_tokens].cpu(),
+                    concept_indices=out.concept_indices[b][keep_tokens].cpu(),
+                    concept_values=out.concept_values[b][keep_tokens].cpu(),
+                    slot_concept_weights=out.slot_concept_weights[b][:, keep_tokens].cpu(),
+                    reason=reason,
+                )
+            )
+        return results
 
 
 __all__ = [
     "SegCompassForReasoningSegmentation",
     "SegCompassOutput",
     "SegCompassPreTrainedModel",
+    "SegmentationResult",
     "gather_ref_hidden_states",
 ]

@@ -77,3 +77,19 @@ def make_batch(
             valid_mask=valid,
         )
     return out
+
+
+TINY_CORPUS = [
+    "the green triangle left of the red circle",
+    "the blue square above the small red circle",
+    "<think> red circle at top left . answer : red circle at top left </think> <REF_POS> <REF_POS> <REF_POS>",
+] * 10
+
+
+def build_tiny_tokenizer_and_processor(num_slots: int = 3):
+    """A tiny BPE tokenizer (special ids 0..9) and the matching SegCompassProcessor."""
+    from modeling_segcompass.processing_segcompass import SegCompassProcessor
+    from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(TINY_CORPUS, vocab_size=400)
+    return tokenizer, SegCompassProcessor.tiny(tokenizer, num_slots=num_slots)

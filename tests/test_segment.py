@@ -1,0 +1,104 @@
+"""model.segment: generation, one forward, slots kept by confidence, masks at the original size."""
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+from tests.helpers import IM_END, REF, THINK, THINK_END, build_tiny_tokenizer_and_processor
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer, processor = build_tiny_tokenizer_and_processor(num_slots=3)
+    torch.manual_seed(0)
+    model = SegCompassForReasoningSegmentation(
+        SegCompassConfig.tiny(vocab_size=len(tokenizer))
+    ).eval()
+    return model, processor
+
+
+def forced(sequence):
+    """prefix_allowed_tokens_fn that makes generation write `sequence` then stop."""
+
+    def allowed(batch_id, input_ids):
+        step = getattr(allowed, "start", None)
+        if step is None:
+            allowed.start = input_ids.shape[-1]
+        position = input_ids.shape[-1] - allowed.start
+        return [sequence[min(position, len(sequence) - 1)]]
+
+    return allowed
+
+
+def image(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+def test_completion_with_refs_gives_masks_at_original_size(setup):
+    model, processor = setup
+    word = (
+        processor.tokenizer.convert_tokens_to_ids("the")
+        if "the" in processor.tokenizer.get_vocab()
+        else 20
+    )
+    sequence = [THINK, word, THINK_END, REF, REF, IM_END]
+    results = model.segment(
+        image(48, 80), "the red circle", processor, confidence_threshold=-1e9,
+        generation_kwargs={"prefix_allowed_tokens_fn": forced(sequence)},
+    )  # fmt: skip
+    (result,) = results
+    assert result.reason is None
+    assert result.text.count("<REF_POS>") == 2 and "</think>" in result.text
+    # two <REF_POS> tokens -> two grounded slots (the third has no token)
+    assert result.slot_indices.tolist() == [0, 1]
+    assert result.masks.shape == (2, 48, 80) and result.masks.dtype == torch.bool
+    assert result.heatmaps.shape == (3, 48, 80)
+    assert ((result.heatmaps >= 0) & (result.heatmaps <= 1)).all()
+    torch.testing.assert_close(result.scores, torch.sigmoid(result.conf_logits[:2]))
+    # the concept trace covers exactly the forward's tokens
+    assert result.concept_indices.shape[0] == result.input_ids.shape[0]
+    assert result.slot_concept_weights.shape[:2] == (3, result.input_ids.shape[0])
+    assert result.input_ids.tolist()[-len(sequence) :] == sequence
+    # the same masks as a direct forward on those ids
+    enc = processor(images=[image(48, 80)], instructions=["the red circle"])
+    with torch.no_grad():
+        out = model(
+            input_ids=result.input_ids[None], attention_mask=torch.ones_like(result.input_ids)[None],
+            pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+            sam_pixel_values=enc["sam_pixel_values"],
+        )  # fmt: skip
+    direct = processor.post_process_masks(
+        out.mask_logits, enc["original_sizes"], enc["reshaped_input_sizes"]
+    )
+    assert torch.equal(direct[0][:2], result.masks)
+
+
+def test_completion_without_ref_gives_no_mask_and_a_reason(setup):
+    model, processor = setup
+    results = model.segment(
+        [image(64, 64, 1), image(32, 50, 2)], ["the red circle", "the blue square"], processor,
+        max_new_tokens=8, confidence_threshold=-1e9, generation_kwargs={"suppress_tokens": [REF]},
+    )  # fmt: skip
+    for result, (h, w) in zip(results, [(64, 64), (32, 50)]):
+        assert result.masks.shape == (0, h, w)
+        assert "no <REF_POS>" in result.reason
+        assert "<REF_POS>" not in result.text
+
+
+def test_high_threshold_means_no_target(setup):
+    model, processor = setup
+    sequence = [THINK, THINK_END, REF, IM_END]
+    (result,) = model.segment(
+        image(64, 64), "the purple star", processor, confidence_threshold=1e9,
+        generation_kwargs={"prefix_allowed_tokens_fn": forced(sequence)},
+    )  # fmt: skip
+    assert result.masks.shape[0] == 0 and "confidence threshold" in result.reason
+
+
+def test_errors(setup):
+    model, processor = setup
+    with pytest.raises(ValueError, match="processor"):
+        model.segment(image(8, 8), "x")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.segment(image(8, 8), "x", processor, max_new_tokens=0)
