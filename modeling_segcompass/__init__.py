@@ -39,6 +39,18 @@ _LAZY = {
     "mask_reward": "rewards",
     "multi_object_mask_reward": "rewards",
     "segcompass_reward": "rewards",
+    "SegCompassTrainer": "sft",
+    "ModuleLearningRates": "sft",
+    "train_sft": "sft",
+    "pretrain_sae_for_model": "sae_training",
+    "SegCompassGRPOConfig": "grpo_trainer",
+    "SegCompassGRPOTrainer": "grpo_trainer",
+    "explain": "interpret",
+    "ablate_concepts": "interpret",
+    "concept_quality_vs_accuracy": "interpret",
+    "ReasoningSegmentationPipeline": "pipeline_segcompass",
+    "export": "hub",
+    "push_to_hub": "hub",
 }
 
 

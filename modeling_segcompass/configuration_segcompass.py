@@ -155,7 +155,11 @@ class SegCompassConfig(PreTrainedConfig):
         if not 1 <= self.sae_k <= self.d_sae:
             fail("sae_k", f"an integer in [1, d_sae={self.d_sae}]", self.sae_k)
         if self.codebook_dim % self.codebook_heads:
-            fail("codebook_dim", f"a multiple of codebook_heads={self.codebook_heads}", self.codebook_dim)
+            fail(
+                "codebook_dim",
+                f"a multiple of codebook_heads={self.codebook_heads}",
+                self.codebook_dim,
+            )
         if self.activation_threshold < 0:
             fail("activation_threshold", "a value >= 0", self.activation_threshold)
         for name in ("lm_loss_weight", "seg_loss_weight", "conf_loss_weight", "heatmap_bce_weight",
@@ -170,7 +174,10 @@ class SegCompassConfig(PreTrainedConfig):
         if channels % self.slot_mapper_heads:
             fail("slot_mapper_heads", f"a divisor of the image-embedding width {channels}",
                  self.slot_mapper_heads)  # fmt: skip
-        if self.image_encoder_type == "sam" and self.sam_config.vision_config.output_channels != channels:
+        if (
+            self.image_encoder_type == "sam"
+            and self.sam_config.vision_config.output_channels != channels
+        ):
             fail(
                 "sam_config.vision_config.output_channels",
                 f"the mask decoder width {channels}",

@@ -174,6 +174,10 @@ class SegCompassPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # the forward returns a mean loss already; **vlm_kwargs must not receive Trainer's
+    # num_items_in_batch (and gradient accumulation must still divide the loss)
+    accepts_loss_kwargs = False
+    output_modalities = ("text", "image")
     _supports_sdpa = True
     _supports_flash_attn = True
     _no_split_modules = ["SamVisionLayer", "SparseAutoencoder", "QueryCodebook", "SlotMapper"]
@@ -765,6 +769,25 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
                 )
             )
         return results
+
+    # ------------------------------------------------------------------ assembling
+    @classmethod
+    def from_backbones(
+        cls,
+        vlm: Any,
+        sam: Any,
+        sae: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Assemble from an image-text-to-text VLM, a `facebook/sam-vit-*` SAM and an optional
+        SAELens SAE (folders, Hub ids or loaded objects); returns ``(model, processor)``.
+
+        See `backbones.assemble_from_backbones` for the arguments (``num_slots``, ``dtype``,
+        ``vlm_processor`` and any `SegCompassConfig` field as an override).
+        """
+        from .backbones import assemble_from_backbones
+
+        return assemble_from_backbones(vlm, sam, sae, model_class=cls, **kwargs)
 
 
 __all__ = [

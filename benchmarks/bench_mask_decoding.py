@@ -1,0 +1,172 @@
+"""Benchmark 3: SAM mask decoding for B images x K slots, batched (this package) vs per-image loop.
+
+Both paths run the prompt encoder on all B*K heatmaps; this package then calls SAM's mask
+decoder once on B*K prompts (`SegCompassForReasoningSegmentation.decode_masks`), the
+reference calls it once per image with that image's K prompts (upstream
+`VLRefSegCore._forward_seg`). Two sizes of SAM's prompt encoder + mask decoder:
+
+- "tiny": the embedded default (C 32, 16 x 16 embedding, 64 x 64 masks);
+- "sam": the real SAM decoder (C 256, 64 x 64 embedding, 256 x 256 masks, as in ViT-B/L/H).
+
+Forward (no_grad: inference and rollout scoring) and forward + backward (training).
+
+    python benchmarks/bench_mask_decoding.py [--batch 8 --slots 4 --sizes tiny sam]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.harness import (  # noqa: E402
+    MIB,
+    Agreement,
+    compare,
+    interleaved_timing,
+    machine_summary,
+    peak_memory_bytes,
+    ratio_line,
+    require_agreement,
+    setup,
+    timing_lines,
+    verdict,
+)
+from benchmarks.reference_path import reference_decode_masks  # noqa: E402
+from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation  # noqa: E402
+
+TARGET_SPEEDUP = 2.0
+SIZES = ("tiny", "sam")
+
+
+def build(
+    size: str, batch: int, num_slots: int, device: torch.device
+) -> tuple[SegCompassForReasoningSegmentation, torch.Tensor, torch.Tensor]:
+    """A model with the requested SAM decoder size, random heatmaps and image embeddings.
+
+    Returns (model, heatmap_logits (B, K, M, M), image_embeddings (B, C, E, E)).
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}; got {size!r}.")
+    overrides: dict = {"image_encoder_type": "none", "num_slots": num_slots}
+    if size == "sam":
+        overrides["sam_config"] = {}  # SamConfig defaults: SAM's prompt encoder + mask decoder
+        overrides["slot_mapper_heads"] = 8
+    torch.manual_seed(0)
+    model = SegCompassForReasoningSegmentation(SegCompassConfig.tiny(**overrides)).to(device)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    m, c, e = cfg.mask_size, cfg.image_embedding_channels, cfg.image_embedding_size
+    heatmaps = 4 * torch.randn(batch, num_slots, m, m, generator=gen).to(device)
+    embeddings = torch.randn(batch, c, e, e, generator=gen).to(device)
+    return model.eval(), heatmaps, embeddings
+
+
+def check_agreement(
+    model: SegCompassForReasoningSegmentation,
+    heatmaps: torch.Tensor,
+    embeddings: torch.Tensor,
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> list[Agreement]:
+    """Mask logits and IoU predictions of both paths.
+
+    Tolerance: float32; batching over B*K instead of K changes only GEMM blocking, a few ulps
+    of the largest value; rtol 1e-4 of the largest magnitude is a 100x margin, while decoding a
+    prompt against the wrong image changes masks by O(1).
+    """
+    with torch.no_grad():
+        masks, iou = model.decode_masks(heatmaps, embeddings)
+        ref_masks, ref_iou = reference_decode_masks(model, heatmaps, embeddings)
+    return [
+        compare("mask_logits", masks, ref_masks, atol=atol, rtol=rtol),
+        compare("iou_scores", iou, ref_iou, atol=atol, rtol=rtol),
+    ]
+
+
+def _variants(model, heatmaps, embeddings, train: bool) -> dict[str, Callable[[], object]]:
+    def batched():
+        if not train:
+            with torch.no_grad():
+                return model.decode_masks(heatmaps, embeddings)
+        model.zero_grad(set_to_none=True)
+        masks, iou = model.decode_masks(heatmaps, embeddings)
+        (masks.mean() + iou.mean()).backward()
+
+    def looped():
+        if not train:
+            with torch.no_grad():
+                return reference_decode_masks(model, heatmaps, embeddings)
+        model.zero_grad(set_to_none=True)
+        masks, iou = reference_decode_masks(model, heatmaps, embeddings)
+        (masks.mean() + iou.mean()).backward()
+
+    return {"batched": batched, "per_image_loop": looped}
+
+
+def run_size(
+    size: str, batch: int, num_slots: int, device: torch.device, repeats: int
+) -> dict[str, float]:
+    model, heatmaps, embeddings = build(size, batch, num_slots, device)
+    cfg = model.config
+    print(
+        f"-- size {size}: C {cfg.image_embedding_channels}, E {cfg.image_embedding_size}, "
+        f"masks {cfg.mask_size}, B {batch} x K {num_slots}"
+    )
+    require_agreement(check_agreement(model, heatmaps, embeddings))
+    results = {}
+    for phase, train in (("forward", False), ("fwd+bwd", True)):
+        variants = _variants(model, heatmaps, embeddings, train)
+        memory = {name: peak_memory_bytes(fn, device) for name, fn in variants.items()}
+        # a SAM-size round takes seconds on a CPU: fewer repeats keep the run near 2-3 minutes
+        rounds = repeats if size == "tiny" or device.type == "cuda" else min(repeats, 3)
+        timings = interleaved_timing(variants, repeats=rounds, warmup=1, device=device)
+        for line in timing_lines(timings) + [ratio_line(timings, "per_image_loop", "batched")]:
+            print(f"{phase} {line}")
+        print(
+            f"{phase} peak memory: batched {memory['batched'] / MIB:.0f} MiB, per_image_loop "
+            f"{memory['per_image_loop'] / MIB:.0f} MiB"
+        )
+        results[phase] = timings.paired_ratio("per_image_loop", "batched")
+        results[f"{phase} cpu"] = timings.paired_ratio("per_image_loop", "batched", cpu=True)
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    args = parse_args(argv)
+    device = setup(args.threads, args.device)
+    print("== benchmark 3: mask decoding, batched over B*K vs per-image loop ==")
+    print(machine_summary(device))
+    results = {
+        size: run_size(size, args.batch, args.slots, device, args.repeats) for size in args.sizes
+    }
+    for size, r in results.items():
+        for phase in ("forward", "fwd+bwd"):
+            speedup, cpu = r[phase], r[f"{phase} cpu"]
+            print(
+                f"RESULT mask decoding[{size}, {phase}] speedup loop/batched = {speedup:.2f}x "
+                f"(cpu time {cpu:.2f}x) {verdict(speedup, TARGET_SPEEDUP, higher_is_better=True)}"
+            )
+    return results
+
+
+if __name__ == "__main__":
+    main()

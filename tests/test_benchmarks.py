@@ -1,0 +1,246 @@
+"""Smoke tests of benchmarks/: every agreement check at a very small size, and the harness.
+
+No timing is asserted here (the machine is shared); what is asserted is that the reference
+re-enactment and this package's path compute the same numbers, that the checks would catch
+a path that computes something else, and that the measuring tools measure what they claim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import (
+    bench_concept_path,
+    bench_forward_backward,
+    bench_inference,
+    bench_mask_decoding,
+    reference_path,
+)
+from benchmarks.harness import (
+    Timings,
+    compare,
+    interleaved_timing,
+    peak_memory_bytes,
+    require_agreement,
+    verdict,
+)
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- harness
+def test_compare_uses_tolerance_relative_to_the_reference_scale():
+    ref = torch.tensor([100.0, -2.0, 0.5])
+    close = ref + torch.tensor([0.0, 0.009, 0.0])  # 0.009 <= 1e-6 + 1e-4 * 100
+    far = ref + torch.tensor([0.0, 0.02, 0.0])
+    ok = compare("x", close, ref, atol=1e-6, rtol=1e-4)
+    bad = compare("x", far, ref, atol=1e-6, rtol=1e-4)
+    assert ok.ok and abs(ok.max_abs_diff - 0.009) < 1e-6 and ok.reference_max_abs == 100.0
+    assert not bad.ok and "FAILED" in bad.line()
+
+
+def test_compare_refuses_shape_mismatch_and_non_finite_values():
+    try:
+        compare("x", torch.zeros(2, 3), torch.zeros(3, 2), atol=0, rtol=0)
+    except AssertionError as error:
+        assert "(2, 3)" in str(error) and "(3, 2)" in str(error)
+    else:
+        raise AssertionError("a shape mismatch must be refused")
+    try:
+        compare("x", torch.tensor([float("nan")]), torch.zeros(1), atol=1, rtol=1)
+    except AssertionError as error:
+        assert "non-finite" in str(error)
+    else:
+        raise AssertionError("NaN must be refused")
+
+
+def test_require_agreement_raises_naming_the_failed_output():
+    good = compare("good", torch.ones(3), torch.ones(3), atol=0, rtol=0)
+    bad = compare("bad", torch.ones(3), torch.zeros(3), atol=0, rtol=0)
+    require_agreement([good])
+    try:
+        require_agreement([good, bad])
+    except AssertionError as error:
+        assert "['bad']" in str(error)
+    else:
+        raise AssertionError("a failed agreement must stop the benchmark")
+
+
+def test_interleaved_timing_alternates_order_and_counts_repeats():
+    calls: list[str] = []
+    timings = interleaved_timing(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        repeats=3,
+        warmup=1,
+        device=CPU,
+    )
+    # warm-up a b, then rounds: a b | b a | a b
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert [len(v) for v in timings.seconds.values()] == [3, 3]
+    assert [len(v) for v in timings.cpu_seconds.values()] == [3, 3]
+    assert all(t >= 0 for v in timings.seconds.values() for t in v)
+
+
+def test_timings_ratios_wall_clock_paired_and_cpu():
+    timings = Timings(
+        {"fast": [1.0, 5.0, 2.0], "slow": [4.0, 4.0, 100.0]},
+        {"fast": [1.0, 1.0, 1.0], "slow": [3.0, 3.0, 3.0]},
+    )
+    assert timings.median("fast") == 2.0 and timings.median("slow") == 4.0
+    assert timings.ratio("fast", "slow") == 0.5
+    # per-round ratios 0.25, 1.25, 0.02: a burst in one round does not move the median
+    assert timings.paired_ratio("fast", "slow") == 0.25
+    assert abs(timings.paired_ratio("fast", "slow", cpu=True) - 1 / 3) < 1e-12
+
+
+def test_peak_memory_counts_simultaneous_tensors_not_the_sum_of_all():
+    mib = 1024 * 1024
+
+    def two_at_once():
+        a = torch.ones(4 * mib // 4)  # 4 MiB
+        b = torch.ones(4 * mib // 4)  # 4 MiB, both alive
+        return float(a[0] + b[0])
+
+    def one_after_another():
+        for _ in range(3):  # 3 x 4 MiB allocated, never two at a time
+            a = torch.ones(4 * mib // 4)
+            del a
+
+    both = peak_memory_bytes(two_at_once, CPU)
+    sequential = peak_memory_bytes(one_after_another, CPU)
+    assert 8 * mib <= both < 9 * mib
+    assert 4 * mib <= sequential < 5 * mib
+
+
+def test_verdict_direction():
+    assert "met" in verdict(0.5, 0.55, higher_is_better=False)
+    assert "MISSED" in verdict(0.6, 0.55, higher_is_better=False)
+    assert "met" in verdict(60.0, 50.0, higher_is_better=True)
+    assert "MISSED" in verdict(1.5, 2.0, higher_is_better=True)
+
+
+# --------------------------------------------------------------------------- benchmark 1
+SMALL_VLM = bench_forward_backward.ProportionalSize(
+    hidden=64, layers=3, heads=4, kv_heads=2, vocab=256, seq_len=96, image_px=64,
+    codebook_dim=32, sae_ratio=8, sae_k=8,
+)  # fmt: skip
+
+
+def test_forward_backward_paths_agree_on_outputs_and_every_gradient():
+    model, inputs = bench_forward_backward.build(SMALL_VLM, CPU)
+    # the batch has padding and rows with different <REF_POS> counts
+    assert (inputs["attention_mask"] == 0).any()
+    agreements = bench_forward_backward.check_agreement(model, inputs)
+    names = {a.name for a in agreements}
+    assert {"loss", "mask_logits", "grad[vlm]", "grad[sae]", "grad[codebook]"} <= names
+    assert all(a.ok for a in agreements), [a.line() for a in agreements if not a.ok]
+    loss = next(a for a in agreements if a.name == "loss")
+    assert loss.reference_max_abs > 0  # a real loss was compared, not two zeros
+
+
+def test_forward_backward_check_catches_upstream_slot_order(monkeypatch):
+    """Upstream orders the slots latest <REF_POS> first; feeding that order must be caught."""
+    original = reference_path.gather_ref_hidden_states
+
+    def latest_first(hidden, input_ids, ref_token_id, num_slots):
+        states, present = original(hidden, input_ids, ref_token_id, num_slots)
+        return states.flip(1), present.flip(1)
+
+    monkeypatch.setattr(reference_path, "gather_ref_hidden_states", latest_first)
+    model, inputs = bench_forward_backward.build(SMALL_VLM, CPU)
+    agreements = bench_forward_backward.check_agreement(model, inputs)
+    failed = {a.name for a in agreements if not a.ok}
+    assert {"heatmap_logits", "conf_logits", "grad[vlm]"} <= failed, failed
+
+
+def test_reference_reads_the_sae_layer_output_that_the_hook_captures():
+    model, inputs = bench_forward_backward.build(SMALL_VLM, CPU)
+    captured = {}
+    layer = model.vlm.model.language_model.layers[model.config.sae_layer]
+    handle = layer.register_forward_hook(
+        lambda m, i, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        out = model.vlm(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+            output_hidden_states=True, use_cache=False,
+        )  # fmt: skip
+    handle.remove()
+    hooked = captured["h"]
+    assert torch.equal(out.hidden_states[model.config.sae_layer + 1], hooked)
+    assert not torch.allclose(out.hidden_states[model.config.sae_layer], hooked)
+
+
+# --------------------------------------------------------------------------- benchmark 2
+SMALL_CONCEPT = bench_concept_path.ConceptSize(
+    d_in=64, d_sae=1024, seq_len=40, num_slots=3, codebook_dim=32, codebook_heads=4,
+    topk=8, target_l0=12,
+)  # fmt: skip
+
+
+def test_concept_paths_agree_in_both_modes():
+    for mode in bench_concept_path.MODES:
+        setup = bench_concept_path.build(mode, SMALL_CONCEPT, CPU)
+        agreements, stats = bench_concept_path.check_agreement(setup)
+        assert all(a.ok for a in agreements), (mode, [a.line() for a in agreements])
+        if mode == "topk":
+            assert stats["mean_l0"] == stats["max_l0"] == SMALL_CONCEPT.topk
+        else:  # inputs scaled for ~target_l0 latents above the 2.0 threshold
+            assert 0.5 * SMALL_CONCEPT.target_l0 < stats["mean_l0"] < 2 * SMALL_CONCEPT.target_l0
+            assert float(stats["values"][stats["values"] != 0].min()) >= SMALL_CONCEPT.threshold
+
+
+def test_concept_check_catches_a_reference_that_forgets_the_threshold(monkeypatch):
+    original = reference_path.reference_codebook_tokens
+    monkeypatch.setattr(
+        bench_concept_path,
+        "reference_codebook_tokens",
+        lambda codebook, codes, threshold: original(codebook, codes, 0.0),
+    )
+    setup = bench_concept_path.build("threshold", SMALL_CONCEPT, CPU)
+    agreements, _ = bench_concept_path.check_agreement(setup)
+    failed = {a.name for a in agreements if not a.ok}
+    assert "codebook token embeddings" in failed
+
+
+def test_reference_sae_decodes_the_dense_codes_it_returns():
+    setup = bench_concept_path.build("topk", SMALL_CONCEPT, CPU)
+    with torch.no_grad():
+        out = reference_path.reference_sae(setup.sae, setup.hidden)
+        ours = setup.sae.encode_dense(setup.hidden)
+        expected = out.codes @ setup.sae.W_dec + setup.sae.b_dec
+    assert torch.equal(out.codes, ours)  # same codes as the package's dense encoder
+    assert torch.allclose(out.reconstruction, expected)
+    assert ((out.codes != 0).sum(-1) == SMALL_CONCEPT.topk).all()
+
+
+# --------------------------------------------------------------------------- benchmark 3
+def test_mask_decoding_paths_agree_at_tiny_and_sam_sizes():
+    for size, batch, slots in (("tiny", 3, 2), ("sam", 2, 1)):
+        model, heatmaps, embeddings = bench_mask_decoding.build(size, batch, slots, CPU)
+        agreements = bench_mask_decoding.check_agreement(model, heatmaps, embeddings)
+        assert all(a.ok for a in agreements), (size, [a.line() for a in agreements])
+    assert model.config.mask_size == 256 and model.config.image_embedding_channels == 256
+
+
+def test_mask_decoding_check_catches_a_loop_that_pairs_prompts_with_other_images(monkeypatch):
+    original = reference_path.reference_decode_masks
+    monkeypatch.setattr(
+        bench_mask_decoding,
+        "reference_decode_masks",
+        lambda model, heatmaps, embeddings: original(model, heatmaps, embeddings.flip(0)),
+    )
+    model, heatmaps, embeddings = bench_mask_decoding.build("tiny", 3, 2, CPU)
+    agreements = bench_mask_decoding.check_agreement(model, heatmaps, embeddings)
+    assert not next(a for a in agreements if a.name == "mask_logits").ok
+
+
+# --------------------------------------------------------------------------- benchmark 5
+def test_batched_segment_agrees_with_batch_one_calls():
+    model, processor, images, instructions, tokens = bench_inference.build(
+        3, CPU, corpus=60, vocab_size=400
+    )
+    assert tokens > 5  # pinned completion length covers a gold response
+    agreements = bench_inference.check_agreement(model, processor, images, instructions, 10)
+    assert all(a.ok for a in agreements), [a.line() for a in agreements]

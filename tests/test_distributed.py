@@ -1,0 +1,162 @@
+"""SFT (`transformers.Trainer`) and GRPO under `accelerate launch` with 2 CPU processes (gloo).
+
+The test launches this very file as the worker script. Each rank trains the tiny model for
+two SFT steps, then two GRPO steps, and writes checksums of its parameters; the test checks
+that both ranks finished, that training changed the parameters, and that the two replicas
+are identical after each phase (DDP kept them in sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240
+
+
+def _checksum(model) -> dict[str, str | float]:
+    import torch
+
+    digest = hashlib.sha256()
+    total = 0.0
+    for name, param in sorted(model.named_parameters()):
+        data = param.detach().to(torch.float64).cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(data.numpy().tobytes())
+        total += float(data.abs().sum())
+    return {"sha256": digest.hexdigest(), "abs_sum": total}
+
+
+def worker(out_dir: str) -> None:
+    import torch
+    from accelerate import PartialState
+    from transformers import Trainer, TrainingArguments
+
+    from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+    from modeling_segcompass.collator import SegCompassCollator
+    from modeling_segcompass.data_synthetic import (
+        SyntheticWorldConfig,
+        generate_examples,
+        iter_texts,
+    )
+    from modeling_segcompass.grpo_trainer import (
+        SegCompassGRPOConfig,
+        SegCompassGRPOTrainer,
+        build_grpo_dataset,
+    )
+    from modeling_segcompass.processing_segcompass import SegCompassProcessor
+    from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer
+
+    state = PartialState(cpu=True)  # gloo; TrainingArguments(use_cpu=True) shares this state
+    rank, world = state.process_index, state.num_processes
+    world_config = SyntheticWorldConfig(num_slots=3, seed=2)
+    tokenizer = build_tiny_tokenizer(list(iter_texts(world_config, 100)), vocab_size=400)
+    processor = SegCompassProcessor.tiny(tokenizer, num_slots=3)
+    examples = generate_examples(world_config, 4)
+    torch.manual_seed(0)  # same initial weights on every rank
+    model = SegCompassForReasoningSegmentation(SegCompassConfig.tiny(vocab_size=len(tokenizer)))
+    report = {"rank": rank, "world_size": world, "backend": str(state.backend)}
+    report["initial"] = _checksum(model)
+
+    common = {
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "dataloader_num_workers": 0,
+        "seed": 0,
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3,
+    }
+    sft_args = TrainingArguments(
+        output_dir=os.path.join(out_dir, "sft"), remove_unused_columns=False, **common
+    )
+    Trainer(
+        model=model,
+        args=sft_args,
+        train_dataset=examples,
+        data_collator=SegCompassCollator(processor),
+    ).train()
+    report["sft"] = _checksum(model)
+
+    grpo_args = SegCompassGRPOConfig(
+        output_dir=os.path.join(out_dir, "grpo"),
+        num_generations=2,
+        max_completion_length=12,
+        gradient_checkpointing=False,
+        generation_kwargs={"sequence_bias": {(processor.ref_token_id,): 3.0}},
+        **common,
+    )
+    trainer = SegCompassGRPOTrainer(
+        model=model,
+        args=grpo_args,
+        train_dataset=build_grpo_dataset(examples, processor),
+        processing_class=processor,
+    )
+    trainer.train()
+    report["grpo"] = _checksum(model)
+    report["grpo_logged_mask_loss"] = any(
+        "mask_loss" in h for h in trainer.state.log_history
+    ) or bool(trainer._metrics["train"].get("mask_loss"))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sft_and_grpo_under_accelerate_launch_with_two_cpu_processes(tmp_path):
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        ACCELERATE_USE_CPU="true",
+    )
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        # `--cpu` alone runs ONE process (accelerate's multi-CPU path needs MPI); `--multi_gpu`
+        # selects the torchrun launcher, and the worker's PartialState(cpu=True) makes it gloo.
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        __file__, "--worker", str(tmp_path),
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"accelerate launch did not finish within {TIMEOUT_S} s:\n{error.stderr}")
+    logs = f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, logs
+    reports = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert reports[0]["backend"] == "gloo", reports[0]["backend"]
+    for phase in ("initial", "sft", "grpo"):  # replicas identical after every phase
+        assert reports[0][phase]["sha256"] == reports[1][phase]["sha256"], (phase, logs)
+    assert reports[0]["sft"]["sha256"] != reports[0]["initial"]["sha256"]  # SFT trained
+    assert reports[0]["grpo"]["sha256"] != reports[0]["sft"]["sha256"]  # GRPO trained
+    assert all(r["grpo_logged_mask_loss"] for r in reports)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", required=True, help="output folder of the rank reports")
+    worker(parser.parse_args().worker)
