@@ -68,6 +68,10 @@ class SegCompassConfig(PreTrainedConfig):
             + mask_dice_weight*Dice(mask) + mask_focal_weight*Focal(mask) + iou_loss_weight*MSE(iou)`;
             `loss = lm_loss_weight*lm + seg_loss_weight*seg + conf_loss_weight*conf + sae_reconstruction_weight*sae`.
         focal_alpha, focal_gamma (`float`): sigmoid focal-loss parameters.
+        slot_order_prior (`float`):
+            Extra matching cost when slot k is matched to target g != k. 0.0 is the paper's
+            pure Hungarian matching; the tiny default uses 1.0 so that slot j learns the j-th
+            object the reasoning names (see docs/model.md, deviations).
         slot_confidence_threshold (`float`):
             A slot holds an object when its confidence *logit* is >= this (the reference's 0.5).
         mask_threshold (`float`): mask logits above this are foreground (0.0, the field convention).
@@ -122,6 +126,7 @@ class SegCompassConfig(PreTrainedConfig):
     iou_loss_weight: float = 0.1
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    slot_order_prior: float = 0.0
     # inference
     slot_confidence_threshold: float = 0.5
     mask_threshold: float = 0.0
@@ -317,6 +322,7 @@ class SegCompassConfig(PreTrainedConfig):
             "sae_architecture": "topk",
             "sae_k": 16,
             "sae_reconstruction_weight": 0.1,
+            "slot_order_prior": 1.0,
             "codebook_dim": 64,
             "codebook_layers": 2,
             "codebook_heads": 4,

@@ -254,6 +254,7 @@ def compute_segmentation_loss(
     iou_loss_weight: float = 0.0,
     match_on: Literal["mask", "heatmap"] = "mask",
     matching_cost: MatchingCost = "dice_bce",
+    order_prior: float = 0.0,
 ) -> SegmentationLossOutput:
     """Hungarian-matched segmentation and confidence losses of one batch.
 
@@ -300,6 +301,7 @@ def compute_segmentation_loss(
         num_objects,
         valid_mask,
         cost=matching_cost,
+        order_prior=order_prior,
     )
 
     batch_index, slot_index, target_index = assignment.pairs()

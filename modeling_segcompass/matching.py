@@ -263,6 +263,7 @@ def match_slots(
     cost: MatchingCost = "dice_bce",
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
+    order_prior: float = 0.0,
 ) -> SlotAssignment:
     """Hungarian assignment of the K predicted slots to the real ground-truth masks.
 
@@ -285,6 +286,11 @@ def match_slots(
         valid_mask: optional (B, H, W) bool; False marks pixels to ignore (e.g. SAM padding).
         cost: `"dice_bce"` or `"soft_iou"`.
         dice_weight, bce_weight: weights of the two `"dice_bce"` terms.
+        order_prior: added to the cost of every (slot k, target g) pair with k != g. 0 (the
+            paper) is pure Hungarian matching; a positive value makes slot j prefer target j
+            (the j-th `<REF_POS>` for the j-th object the reasoning names), which gives the
+            confidence head consistent targets from the first step, when all slots predict
+            alike and the pure assignment is arbitrary.
 
     Returns:
         `SlotAssignment` with `slot_to_target` (B, K) and `target_to_slot` (B, G).
@@ -305,6 +311,9 @@ def match_slots(
         else:
             cost_matrix = dice_weight * pairwise_dice_cost(probs, targets, valid_mask)
             cost_matrix = cost_matrix + bce_weight * pairwise_bce_cost(logits, targets, valid_mask)
+        if order_prior:
+            off_diagonal = ~torch.eye(num_slots, num_targets, dtype=torch.bool, device=device)
+            cost_matrix = cost_matrix + order_prior * off_diagonal.to(cost_matrix.dtype)
         cost_matrix = cost_matrix.cpu()
 
     slot_to_target = torch.full((batch, num_slots), -1, dtype=torch.long)

@@ -552,6 +552,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
                 focal_gamma=cfg.focal_gamma,
                 iou_predictions=iou_scores,
                 iou_loss_weight=cfg.iou_loss_weight,
+                order_prior=cfg.slot_order_prior,
             )
             slot_to_target = seg.assignment.slot_to_target
             losses["seg"] = seg.seg_loss

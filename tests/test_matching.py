@@ -234,3 +234,19 @@ def test_match_slots_rejects_bad_valid_mask_and_cost():
     with pytest.raises(ValueError, match="dice_bce"):
         match_slots(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4), torch.tensor([1]),
                     cost="l1")  # fmt: skip
+
+
+def test_order_prior_breaks_ties_towards_slot_j_for_target_j():
+    # every slot predicts the same mask: pure matching is arbitrary, the prior is not
+    gt = torch.zeros(1, 3, 4, 4)
+    gt[0, 0, :2] = 1
+    gt[0, 1, 2:] = 1
+    pred = torch.zeros(1, 3, 4, 4).expand(1, 3, 4, 4).clone()
+    assignment = match_slots(pred, gt, torch.tensor([2]), order_prior=1.0)
+    assert assignment.slot_to_target.tolist() == [[0, 1, -1]]
+    # a clearly better slot still wins over the prior when the prior is small
+    better = pred.clone()
+    better[0, 2] = -20.0
+    better[0, 2, :2] = 20.0
+    assignment = match_slots(better, gt, torch.tensor([1]), order_prior=0.01)
+    assert assignment.slot_to_target.tolist() == [[-1, -1, 0]]
