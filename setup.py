@@ -55,7 +55,6 @@ setup(
     },
     entry_points={"console_scripts": ["segcompass=modeling_segcompass.cli:main"]},
     classifiers=[
-        "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],

@@ -134,8 +134,31 @@ class SegCompassConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        for name in ("vlm_config", "sam_config"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (dict, PreTrainedConfig)):
+                raise TypeError(
+                    f"SegCompassConfig.{name}: expected a dict or a PreTrainedConfig, got "
+                    f"{type(value).__name__}. Check config.json or pass a valid `{name}=`."
+                )
         super().__post_init__(**kwargs)
         self.validate_segcompass()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """Build from a saved dict (config.json), refusing one without the backbone configs.
+
+        Without them the class defaults (a full-size VLM and SAM) would be built silently and
+        the weights would not fit; a saved SegCompass config always holds both.
+        """
+        missing = [key for key in ("vlm_config", "sam_config") if key not in config_dict]
+        if missing:
+            raise ValueError(
+                f"SegCompassConfig: the saved config lacks {missing}; a SegCompass config.json "
+                "holds the VLM and SAM configs. Re-save the model with `save_pretrained`, or "
+                "build the config with SegCompassConfig.tiny() / .paper(...)."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     # ------------------------------------------------------------------ validation
     def validate_segcompass(self) -> None:
@@ -157,6 +180,19 @@ class SegCompassConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "a positive integer", value)
+        for name in ("sae_k", "sae_layer", "ref_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                fail(name, "an integer", value)
+        for name in ("activation_threshold", "lm_loss_weight", "seg_loss_weight",
+                     "conf_loss_weight", "heatmap_bce_weight", "heatmap_dice_weight",
+                     "mask_dice_weight", "mask_focal_weight", "iou_loss_weight",
+                     "sae_reconstruction_weight", "focal_alpha", "focal_gamma", "slot_order_prior",
+                     "slot_confidence_threshold", "mask_threshold", "codebook_dropout",
+                     "initializer_range", "sae_jumprelu_init_threshold"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                fail(name, "a number", value)
         if not 1 <= self.sae_k <= self.d_sae:
             fail("sae_k", f"an integer in [1, d_sae={self.d_sae}]", self.sae_k)
         if self.codebook_dim % self.codebook_heads:

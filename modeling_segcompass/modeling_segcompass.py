@@ -11,6 +11,7 @@ and its flat siblings.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -378,6 +379,15 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
                 f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}."
             )
         batch, length = input_ids.shape
+        self._check_input_types_and_values(
+            input_ids,
+            attention_mask=attention_mask,
+            sam_pixel_values=sam_pixel_values,
+            image_embeddings=image_embeddings,
+            gt_masks=gt_masks,
+            num_objects=num_objects,
+            valid_mask=valid_mask,
+        )
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
             fail(
                 f"`attention_mask` must be (B, L) = {(batch, length)}; got {tuple(attention_mask.shape)}."
@@ -441,6 +451,63 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
                 f"`valid_mask` must be (B={batch}, {size}, {size}); got {tuple(valid_mask.shape)}."
             )
 
+    def _check_input_types_and_values(self, input_ids: torch.Tensor, **tensors: Any) -> None:
+        """Refuse non-tensors, non-integer or out-of-vocabulary ids, non-finite pixels and
+        non-binary masks with a message naming the argument (before torch fails obscurely)."""
+
+        def fail(message: str) -> None:
+            raise ValueError(f"SegCompassForReasoningSegmentation.forward: {message}")
+
+        for name, value in tensors.items():
+            if value is not None and not isinstance(value, torch.Tensor):
+                fail(
+                    f"`{name}` must be a torch.Tensor (use SegCompassProcessor with "
+                    f"return_tensors='pt'); got {type(value).__name__}."
+                )
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            fail(f"`input_ids` is empty (shape {tuple(input_ids.shape)}); pass at least one token.")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            fail(f"`input_ids` must hold integer token ids; got dtype {input_ids.dtype}.")
+        vocab = self.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            fail(
+                f"`input_ids` must lie in [0, vocab_size={vocab}); got values in [{low}, {high}]. "
+                "Use the processor saved with this model, or resize the token embeddings."
+            )
+        for name in ("sam_pixel_values", "image_embeddings"):
+            value = tensors.get(name)
+            if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
+                fail(f"`{name}` contains NaN or Inf values; expected finite numbers.")
+        sam = tensors.get("sam_pixel_values")
+        if (
+            sam is not None
+            and tensors.get("image_embeddings") is None
+            and self.image_encoder is not None
+            and sam.dim() == 4
+        ):
+            side = self.config.sam_config.vision_config.image_size
+            if tuple(sam.shape[-2:]) != (side, side):
+                fail(
+                    f"`sam_pixel_values` must be (B, 3, {side}, {side}) (the SAM frame of this "
+                    f"model); got {tuple(sam.shape)}. Use the processor saved with this model."
+                )
+        gt_masks = tensors.get("gt_masks")
+        if gt_masks is not None and gt_masks.numel():
+            if gt_masks.is_complex():
+                fail(f"`gt_masks` must be real 0/1 masks; got dtype {gt_masks.dtype}.")
+            low_m, high_m = float(gt_masks.min()), float(gt_masks.max())
+            if low_m < 0.0 or high_m > 1.0:
+                fail(
+                    f"`gt_masks` must hold values in [0, 1] (binary masks); got values in "
+                    f"[{low_m:g}, {high_m:g}]. Binarise them first, e.g. `masks == 1`."
+                )
+        num_objects = tensors.get("num_objects")
+        if num_objects is not None and (
+            num_objects.is_floating_point() or num_objects.dtype == torch.bool
+        ):
+            fail(f"`num_objects` must be an integer tensor (B,); got dtype {num_objects.dtype}.")
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -482,6 +549,21 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             input_ids, attention_mask, sam_pixel_values, image_embeddings, gt_masks, num_objects,
             valid_mask,
         )  # fmt: skip
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.is_floating_point() and (
+            not torch.isfinite(pixel_values).all()
+        ):
+            raise ValueError(
+                "SegCompassForReasoningSegmentation.forward: `pixel_values` contains NaN or Inf "
+                "values; expected finite numbers (SegCompassProcessor refuses such images)."
+            )
+        if labels is not None and (
+            not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape)
+        ):
+            raise ValueError(
+                "SegCompassForReasoningSegmentation.forward: `labels` must be a tensor of the "
+                f"shape of input_ids {tuple(input_ids.shape)}; got "
+                f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}."
+            )
         cfg = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -789,6 +871,58 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         from .backbones import assemble_from_backbones
 
         return assemble_from_backbones(vlm, sam, sae, model_class=cls, **kwargs)
+
+    # ------------------------------------------------------------------ safe loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, refusing what could run code or half-load.
+
+        * Weights come from safetensors only (``use_safetensors=True`` by default): a folder
+          holding only pickle checkpoints (``*.bin``, ``*.pt``) is refused with a message,
+          since unpickling a stranger's file can run code. Pass ``use_safetensors=False``
+          explicitly to accept a pickle you trust.
+        * A truncated or corrupted safetensors file raises `OSError` naming the checkpoint.
+        * A checkpoint that lacks some of the model's tensors raises `ValueError` instead of
+          returning a model with randomly initialised parts; pass
+          ``allow_missing_weights=True`` to accept that (e.g. a checkpoint of an older layout).
+        """
+        kwargs.setdefault("use_safetensors", True)
+        allow_missing = bool(kwargs.pop("allow_missing_weights", False))
+        want_info = bool(kwargs.pop("output_loading_info", False))
+        source = os.fspath(pretrained_model_name_or_path)
+        folder = os.path.join(source, kwargs.get("subfolder") or "")
+        if kwargs["use_safetensors"] and os.path.isdir(folder):
+            files = sorted(os.listdir(folder))
+            pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+            if pickles and not any(f.endswith(".safetensors") for f in files):
+                raise OSError(
+                    f"{folder!r} holds only pickle checkpoints {pickles} and no *.safetensors "
+                    "file. SegCompass loads weights from safetensors only, because unpickling a "
+                    "file can run arbitrary code. Convert it where you trust the file, e.g. "
+                    "`model = SegCompassForReasoningSegmentation.from_pretrained(path, "
+                    "use_safetensors=False); model.save_pretrained(new_path)`."
+                )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' Rust-side error
+                raise
+            raise OSError(
+                f"Could not read the safetensors weights of {source!r}: the file is truncated or "
+                f"corrupted ({error}). Download or save the checkpoint again."
+            ) from error
+        missing = list(info.get("missing_keys") or [])
+        if missing and not allow_missing:
+            shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ValueError(
+                f"The checkpoint {source!r} lacks {len(missing)} of the model's tensors ({shown}); "
+                "refusing to return a half-loaded model. Check that the weights file is complete "
+                "and matches config.json, or pass allow_missing_weights=True to initialise the "
+                "missing tensors randomly."
+            )
+        return (model, info) if want_info else model
 
 
 __all__ = [
