@@ -549,8 +549,10 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             input_ids, attention_mask, sam_pixel_values, image_embeddings, gt_masks, num_objects,
             valid_mask,
         )  # fmt: skip
-        if isinstance(pixel_values, torch.Tensor) and pixel_values.is_floating_point() and (
-            not torch.isfinite(pixel_values).all()
+        if (
+            isinstance(pixel_values, torch.Tensor)
+            and pixel_values.is_floating_point()
+            and (not torch.isfinite(pixel_values).all())
         ):
             raise ValueError(
                 "SegCompassForReasoningSegmentation.forward: `pixel_values` contains NaN or Inf "

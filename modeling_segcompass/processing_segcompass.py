@@ -66,6 +66,8 @@ RESERVED_TOKENS: tuple[str, ...] = (
     DEFAULT_REF_TOKEN,
 )
 IGNORE_INDEX = -100
+#: Above this many pixels, SAM preprocessing resizes in bands (bounded memory).
+_LARGE_IMAGE_PIXELS = 1 << 22
 _DEFAULT = object()  # marks "return_tensors not given"
 
 
@@ -507,7 +509,20 @@ class SegCompassProcessor(ProcessorMixin):
         height, width = rgb.shape[:2]
         size = self.sam_image_size
         new_h, new_w = resized_longest_side(height, width, size)
-        x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, H, W)
+        if height * width > _LARGE_IMAGE_PIXELS and new_w < width:
+            # Huge images: shrink the width in bands of rows first (a width-only resize treats
+            # rows independently), so no float copy of the full image is ever made.
+            step = max(1, _LARGE_IMAGE_PIXELS // width)
+            bands = [
+                _resize(
+                    torch.from_numpy(rgb[top : top + step]).permute(2, 0, 1)[None].float(),
+                    (min(step, height - top), new_w),
+                )  # (1, 3, rows, w)
+                for top in range(0, height, step)
+            ]
+            x = torch.cat(bands, dim=2)  # (1, 3, H, w)
+        else:
+            x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, H, W)
         x = _resize(x, (new_h, new_w)).clamp_(0.0, 255.0)
         mean = torch.tensor(self.sam_pixel_mean).view(1, 3, 1, 1)
         std = torch.tensor(self.sam_pixel_std).view(1, 3, 1, 1)

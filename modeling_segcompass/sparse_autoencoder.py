@@ -551,8 +551,14 @@ class SparseAutoencoder(nn.Module):
                 f"SAE folder {folder!r} has no {SAE_CFG_FILENAME} (found {files}); expected "
                 f"the SAELens format: {SAE_CFG_FILENAME} + {SAE_WEIGHTS_FILENAME}."
             )
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{cfg_path} is not valid JSON ({error}); expected a SAELens cfg.json. "
+                "Download or save the SAE again."
+            ) from error
         options = _parse_sae_lens_config(cfg, source=cfg_path)
 
         if dtype is None:
@@ -572,7 +578,15 @@ class SparseAutoencoder(nn.Module):
         metadata = options.pop("metadata")
         rescale_by_decoder_norm = options.pop("rescale_acts_by_decoder_norm")
 
-        state = load_file(weights_path, device="cpu")
+        try:
+            state = load_file(weights_path, device="cpu")
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' Rust-side error
+                raise
+            raise OSError(
+                f"Could not read {weights_path}: the safetensors file is truncated or corrupted "
+                f"({error}). Download or save the SAE again."
+            ) from error
         state = _check_state(state, options, source=weights_path)
         if rescale_by_decoder_norm:
             # SAELens topk with rescale_acts_by_decoder_norm multiplies pre-activations by
