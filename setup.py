@@ -50,7 +50,7 @@ setup(
         "train": TRAIN,
         "demo": TRAIN + DEMO,
         "serve": SERVE,
-        "dev": TRAIN + DEMO + DEV,
+        "dev": TRAIN + DEMO + SERVE + DEV,
         "all": TRAIN + DEMO + SERVE + DEV,
     },
     entry_points={"console_scripts": ["segcompass=modeling_segcompass.cli:main"]},
