@@ -82,53 +82,27 @@ def _evaluate(
     max_new_tokens: int,
     batch_size: int = 32,
 ) -> tuple[dict[str, Any], float | None]:
-    """Per-family metrics on held-out examples, with gold (teacher-forced) or own reasoning."""
-    from .collator import SegCompassCollator
-    from .data_synthetic import as_mask_array
-    from .metrics import SegmentationMetrics
+    """Per-family metrics on held-out examples (the CLI's `eval`), plus, end to end, the share
+    of completions whose answer phrase names the gold object."""
+    from .cli import evaluate_rows
 
-    metrics = SegmentationMetrics()
-    collator = SegCompassCollator(processor)
-    hits, total = 0, 0
-    model.eval()
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        images = [ex["image"] for ex in chunk]
-        if teacher_forced:
-            batch = collator(chunk)
-            enc = processor(images=images, instructions=[ex["instruction"] for ex in chunk])
-            with torch.no_grad():
-                out = model(**{k: v for k, v in batch.items() if k not in ("labels",)})
-            masks = processor.post_process_masks(
-                out.mask_logits, enc["original_sizes"], enc["reshaped_input_sizes"]
-            )
-            for j, ex in enumerate(chunk):
-                keep = (
-                    out.conf_logits[j] >= model.config.slot_confidence_threshold
-                ) & out.ref_mask[j]
-                metrics.add(
-                    masks[j][keep].numpy(),
-                    as_mask_array(ex["masks"], ex["image"].size[1]),
-                    family=ex["family"],
-                )
-        else:
-            results = model.segment(
-                images,
-                [ex["instruction"] for ex in chunk],
-                processor,
-                max_new_tokens=max_new_tokens,
-            )
-            for res, ex in zip(results, chunk):
-                metrics.add(
-                    res.masks.numpy(),
-                    as_mask_array(ex["masks"], ex["image"].size[1]),
-                    family=ex["family"],
-                )
-                total += 1
-                hits += int(_answer_phrase(res.text) == _answer_phrase(ex["response"]))
-    result = metrics.compute()
-    summary = {"table": result.to_table(), **result.to_dict()}
-    return summary, (hits / total if total else None)
+    run = evaluate_rows(
+        model,
+        processor,
+        examples,
+        teacher_forced=teacher_forced,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=False,
+    )
+    summary = {"table": run.metrics.to_table(), **run.metrics.to_dict()}
+    if teacher_forced:
+        return summary, None
+    hits = sum(
+        _answer_phrase(sample["text"]) == _answer_phrase(examples[sample["index"]]["response"])
+        for sample in run.samples
+    )
+    return summary, hits / len(run.samples) if run.samples else None
 
 
 def _time_limit_callback(deadline: float) -> Any:
