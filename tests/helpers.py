@@ -6,6 +6,28 @@ import torch
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
 
+# Prepended to scripts run in a fresh interpreter: makes `import modeling_segcompass` fail,
+# which is what a Hub user without the package has (checked by the script itself).
+HIDE_PACKAGE = """
+import importlib.abc
+import sys
+
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_segcompass" or name.startswith("modeling_segcompass."):
+            raise ImportError("modeling_segcompass is deliberately not importable here")
+        return None
+
+
+sys.meta_path.insert(0, Block())
+try:
+    import modeling_segcompass  # noqa: F401
+    raise SystemExit("the block did not work")
+except ImportError:
+    pass
+"""
+
 # ids of the tiny tokenizer layout (tokenizer_builder.SPECIAL_TOKENS)
 PAD, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD = 0, 1, 2, 3, 4, 5
 THINK, THINK_END, REF = 7, 8, 9

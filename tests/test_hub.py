@@ -35,7 +35,7 @@ from modeling_segcompass.space_app import (
     overlay_masks,
     segment_for_demo,
 )
-from tests.helpers import REF, build_tiny_tokenizer_and_processor
+from tests.helpers import HIDE_PACKAGE, REF, build_tiny_tokenizer_and_processor
 
 REPO_ID = "segcompass-tests/tiny-synthetic"
 EVALUATION = {
@@ -171,22 +171,9 @@ def test_push_refuses_a_folder_that_is_not_an_export(tmp_path):
     upload_folder.assert_not_called()
 
 
-FRESH_PROCESS = textwrap.dedent(
+FRESH_PROCESS = HIDE_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, io, json, sys, contextlib
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_segcompass" or name.startswith("modeling_segcompass."):
-                raise ImportError("modeling_segcompass is deliberately not importable here")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    try:
-        import modeling_segcompass  # noqa: F401
-        raise SystemExit("the block did not work")
-    except ImportError:
-        pass
+    import io, json, sys, contextlib
 
     import numpy as np
     from transformers import AutoProcessor, pipeline

@@ -8,7 +8,7 @@ import textwrap
 
 import torch
 
-from tests.helpers import build_tiny_model, make_batch
+from tests.helpers import HIDE_PACKAGE, build_tiny_model, make_batch
 
 # Files a saved model must carry (the modeling file and, recursively, its flat siblings).
 REMOTE_FILES = {
@@ -22,23 +22,10 @@ REMOTE_FILES = {
     "matching.py",
 }
 
-SCRIPT = textwrap.dedent(
+SCRIPT = HIDE_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json, sys
     import torch
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_segcompass" or name.startswith("modeling_segcompass."):
-                raise ImportError("modeling_segcompass is deliberately not importable here")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    try:
-        import modeling_segcompass  # noqa: F401
-        raise SystemExit("the block did not work")
-    except ImportError:
-        pass
 
     from transformers import AutoModel
 
