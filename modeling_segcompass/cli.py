@@ -842,6 +842,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         do_sample=args.sample,
         confidence_threshold=args.confidence_threshold,
         mask_threshold=args.mask_threshold,
+        strict_format=not args.no_strict_format,
     )
     output.mkdir(parents=True, exist_ok=True)
     masks = result.masks.cpu().numpy().astype(bool)  # (N, H, W)
@@ -1232,6 +1233,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="foreground where the mask logit > this (default: config.mask_threshold)",
     )  # fmt: skip
     pr.add_argument("--top-concepts", type=int, default=5, help="concepts listed per slot")
+    pr.add_argument(
+        "--no-strict-format", action="store_true",
+        help="ground the <REF_POS> tokens of a completion even when its format is broken (no "
+        "finished <think>...</think> block, more than K references); by default such a "
+        "completion gets no mask and the reason is printed",
+    )  # fmt: skip
     pr.set_defaults(handler=cmd_predict)
 
     # ---- export

@@ -43,6 +43,7 @@ ALLOWED_PARAMETERS = (
     "do_sample",
     "confidence_threshold",
     "mask_threshold",
+    "strict_format",
     "top_concepts",
     "top_tokens",
 )

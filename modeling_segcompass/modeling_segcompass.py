@@ -117,6 +117,57 @@ class SegmentationResult:
     reason: str | None = None
 
 
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+REF_TOKEN = "<REF_POS>"
+
+
+def completion_format_problem(text: str, num_slots: int) -> str | None:
+    """Why a completion cannot be grounded, or None when its format allows it.
+
+    The rules (what `segment(strict_format=True)` enforces; the format *reward* is stricter
+    and grades style too, see `rewards.format_score`): at least one `<REF_POS>`; exactly one
+    `</think>`; at most one `<think>`, before `</think>` (a chat template may open the
+    thought in the prompt); no `<REF_POS>` inside the thought; at most `num_slots`
+    `<REF_POS>` tokens.
+
+    Args:
+        text: the completion, decoded with its special tokens.
+        num_slots: K, the number of slots of the model.
+
+    Returns:
+        A sentence naming the problem, or None.
+
+    Example:
+        >>> completion_format_problem("<think>a red circle</think><REF_POS>", 3) is None
+        True
+    """
+    refs = text.count(REF_TOKEN)
+    opens, closes = text.count(THINK_OPEN), text.count(THINK_CLOSE)
+    if refs == 0:
+        return "no <REF_POS> token in the completion, so no slot is grounded"
+    if closes != 1 or opens > 1:
+        return (
+            f"the completion breaks the format: it needs one <think>...</think> block before "
+            f"its <REF_POS> tokens but has {opens} <think> and {closes} </think> tags, so "
+            "its reasoning did not finish and no slot is grounded"
+        )
+    end = text.find(THINK_CLOSE)
+    if opens == 1 and text.find(THINK_OPEN) > end:
+        return "the completion breaks the format: </think> comes before <think>"
+    if text.find(REF_TOKEN) < end:
+        return (
+            "the completion breaks the format: a <REF_POS> token stands inside the "
+            "<think>...</think> block, before the reasoning ends"
+        )
+    if refs > num_slots:
+        return (
+            f"the completion breaks the format: it has {refs} <REF_POS> tokens but the model "
+            f"has {num_slots} slots"
+        )
+    return None
+
+
 def gather_ref_hidden_states(
     hidden_states: torch.Tensor, input_ids: torch.Tensor, ref_token_id: int, num_slots: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -729,6 +780,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         confidence_threshold: float | None = None,
         mask_threshold: float | None = None,
         generation_kwargs: dict[str, Any] | None = None,
+        strict_format: bool = True,
     ) -> list[SegmentationResult]:
         """Segment what each instruction implies: generate the reasoning, then one forward.
 
@@ -743,10 +795,14 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
                 (default `config.slot_confidence_threshold`).
             mask_threshold: mask logits above this are foreground (default `config.mask_threshold`).
             generation_kwargs: extra arguments for `generate`.
+            strict_format: ground only completions whose format is sound (see
+                `completion_format_problem`: one finished `<think>...</think>` block, then 1 to
+                K `<REF_POS>` tokens); others get no mask and a `reason`. False grounds the
+                last K `<REF_POS>` tokens of any completion, whatever its format.
 
         Returns:
-            One `SegmentationResult` per image. A completion without `<REF_POS>` gets no mask
-            and a `reason`; it never raises.
+            One `SegmentationResult` per image. A completion without `<REF_POS>` (or, when
+            `strict_format`, with a broken format) gets no mask and a `reason`; it never raises.
         """
         processor = processor if processor is not None else getattr(self, "processor", None)
         if processor is None:
@@ -826,10 +882,17 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             num_refs = int((completion[b][completion_mask[b]] == cfg.ref_token_id).sum())
             conf = out.conf_logits[b].float()
             kept = (conf >= conf_threshold) & out.ref_mask[b]
-            reason = None
-            if num_refs == 0:
+            raw_text = tokenizer.decode(
+                completion[b][completion_mask[b]], skip_special_tokens=False
+            )
+            if strict_format:
+                reason = completion_format_problem(raw_text, cfg.num_slots)
+            elif num_refs == 0:
+                reason = completion_format_problem("", cfg.num_slots)
+            else:
+                reason = None
+            if reason is not None:
                 kept = torch.zeros_like(kept)
-                reason = "no <REF_POS> token in the completion, so no slot is grounded"
             elif not kept.any():
                 reason = (
                     f"no slot reached the confidence threshold {conf_threshold} (highest "
@@ -932,5 +995,6 @@ __all__ = [
     "SegCompassOutput",
     "SegCompassPreTrainedModel",
     "SegmentationResult",
+    "completion_format_problem",
     "gather_ref_hidden_states",
 ]

@@ -155,7 +155,8 @@ class ReasoningSegmentationPipeline(Pipeline):
 
     Call arguments (also accepted by the constructor as defaults): ``max_new_tokens``,
     ``do_sample``, ``confidence_threshold`` (on the slot logits), ``mask_threshold``,
-    ``generation_kwargs`` (passed to `generate`), ``top_concepts`` and ``top_tokens`` (size
+    ``generation_kwargs`` (passed to `generate`), ``strict_format`` (default True: a completion
+    whose format is broken gets no mask and a reason), ``top_concepts`` and ``top_tokens`` (size
     of the trace), ``return_heatmaps`` (add the (K, H, W) slot heatmaps).
 
     Inputs: ``pipe(image, instruction)``, ``pipe({"image": ..., "instruction": ...})`` or lists
@@ -174,6 +175,7 @@ class ReasoningSegmentationPipeline(Pipeline):
         "confidence_threshold",
         "mask_threshold",
         "generation_kwargs",
+        "strict_format",
     )
     _POSTPROCESS_KEYS = ("top_concepts", "top_tokens", "return_heatmaps")
 

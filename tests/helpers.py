@@ -34,6 +34,28 @@ THINK, THINK_END, REF = 7, 8, 9
 IMAGE_TOKENS = 16  # 64 px, patch 8, merge 2
 
 
+def force_answer(num_refs: int, word: int = 20):
+    """prefix_allowed_tokens_fn making generation write `<think> word </think>`, then
+    `num_refs` `<REF_POS>` and `<|im_end|>`: a well-formed answer from an untrained model.
+
+    Stateless (it reads what the assistant turn holds so far), so one function serves calls
+    with different prompt lengths. Self-contained, so tests can ship its source to a fresh
+    interpreter with `inspect.getsource`.
+    """
+    think, think_end, ref, im_start, im_end = 7, 8, 9, 1, 2
+
+    def allowed(batch_id, input_ids):
+        ids = input_ids.tolist()
+        turn = ids[len(ids) - ids[::-1].index(im_start) :]  # after the last <|im_start|>
+        if think not in turn:
+            return [think]
+        if think_end not in turn:
+            return [word] if turn[-1] == think else [think_end]
+        return [ref] if turn.count(ref) < num_refs else [im_end]
+
+    return allowed
+
+
 def build_tiny_config(**overrides) -> SegCompassConfig:
     return SegCompassConfig.tiny(vocab_size=128, **overrides)
 

@@ -215,6 +215,26 @@ def test_predict_writes_overlay_result_and_report(
     assert "image_0.png" in (out_dir / "report.html").read_text()
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_predict_broken_format_gives_no_mask_unless_not_strict(
+    capsys, monkeypatch, model_dir, image_path, tmp_path, strict
+):
+    _force_completion(monkeypatch, ["<think>", "Ġred", "<REF_POS>", "<|im_end|>"])  # no </think>
+    out_dir = tmp_path / "pred"
+    flags = [] if strict else ["--no-strict-format"]
+    code, out, err = run(
+        capsys, "predict", "--model", model_dir, "--image", image_path, "--instruction",
+        "the red circle", "--output", out_dir, "--max-new-tokens", "4",
+        "--confidence-threshold=-1e9", *flags,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads((out_dir / "result.json").read_text())
+    if strict:
+        assert result["masks"] == [] and "breaks the format" in result["reason"]
+    else:
+        assert result["slot_indices"] == [0] and result["reason"] is None
+
+
 def test_predict_missing_image_is_a_one_line_user_error(capsys, model_dir, tmp_path):
     missing = tmp_path / "nope.png"
     code, out, err = run(

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from modeling_segcompass.matching import linear_sum_assignment, match_slots
 from modeling_segcompass.metrics import giou, mask_iou_stats
+from modeling_segcompass.modeling_segcompass import completion_format_problem
 from modeling_segcompass.rewards import format_score, multi_object_mask_score, single_mask_score
 from tests.helpers import build_tiny_tokenizer_and_processor
 
@@ -38,6 +39,18 @@ def logits_of(masks: np.ndarray, margin: float = 30.0) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- format reward
+@FAST
+@given(st.lists(st.sampled_from(PIECES), max_size=12), st.integers(1, 4))
+def test_segment_grounds_every_completion_the_format_reward_accepts(pieces, num_slots):
+    text = "".join(pieces)
+    refs = text.count("<REF_POS>")
+    problem = completion_format_problem(text, num_slots)
+    if 1 <= refs <= num_slots and format_score(text, num_ref=refs) > 0:
+        assert problem is None  # what the reward accepts, segment grounds
+    if refs == 0 or refs > num_slots or "</think>" not in text:
+        assert problem is not None and ("<REF_POS>" in problem or "</think>" in problem)
+
+
 @FAST
 @given(pieces=st.lists(st.sampled_from(PIECES), max_size=10), num_ref=st.integers(1, 3),
        noise=st.text(max_size=20))  # fmt: skip

@@ -4,6 +4,7 @@ push uploads the folder, the endpoint handler and the Gradio app work locally.""
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import json
 import os
@@ -35,7 +36,7 @@ from modeling_segcompass.space_app import (
     overlay_masks,
     segment_for_demo,
 )
-from tests.helpers import HIDE_PACKAGE, REF, build_tiny_tokenizer_and_processor
+from tests.helpers import HIDE_PACKAGE, build_tiny_tokenizer_and_processor, force_answer
 
 REPO_ID = "segcompass-tests/tiny-synthetic"
 EVALUATION = {
@@ -43,7 +44,7 @@ EVALUATION = {
     "per_family": {"attribute": {"gIoU": 0.6, "cIoU": 0.55, "n": 6}},
     "empty_iou": 1.0,
 }
-FORCE_REFS = {"sequence_bias": [[[REF], 100.0]]}
+FORCE_REFS = {"prefix_allowed_tokens_fn": force_answer(3)}  # a well-formed answer, K = 3
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +172,11 @@ def test_push_refuses_a_folder_that_is_not_an_export(tmp_path):
     upload_folder.assert_not_called()
 
 
-FRESH_PROCESS = HIDE_PACKAGE + textwrap.dedent(
-    """
+FRESH_PROCESS = (
+    HIDE_PACKAGE
+    + inspect.getsource(force_answer)
+    + textwrap.dedent(
+        """
     import io, json, sys, contextlib
 
     import numpy as np
@@ -190,8 +194,8 @@ FRESH_PROCESS = HIDE_PACKAGE + textwrap.dedent(
     report["processor"] = type(processor).__name__
     pipe = pipeline(model=folder, trust_remote_code=True)
     image = np.load(folder + "/probe_image.npy")
-    out = pipe(image, "the red square", max_new_tokens=3, confidence_threshold=-1e9,
-               generation_kwargs={"sequence_bias": [[[9], 100.0]]})
+    out = pipe(image, "the red square", max_new_tokens=7, confidence_threshold=-1e9,
+               generation_kwargs={"prefix_allowed_tokens_fn": force_answer(3)})
     report.update(
         pipeline=type(pipe).__name__,
         module=type(pipe.model).__module__,
@@ -202,6 +206,7 @@ FRESH_PROCESS = HIDE_PACKAGE + textwrap.dedent(
     )
     print(json.dumps(report))
     """
+    )
 )
 
 
@@ -231,9 +236,9 @@ def test_export_works_in_a_fresh_process_without_the_package(exported, pipe):
     assert "(64, 64)" in report["snippets"][0] or "[]" in report["snippets"][0]
     assert "torch.Size" in report["snippets"][1]
     # the same answer as the pipeline built in this process from the in-memory model
-    expected = pipe(probe, "the red square", max_new_tokens=3, confidence_threshold=-1e9,
+    expected = pipe(probe, "the red square", max_new_tokens=7, confidence_threshold=-1e9,
                     generation_kwargs=FORCE_REFS)  # fmt: skip
-    assert report["text"] == expected["text"] == "<REF_POS><REF_POS><REF_POS>"
+    assert report["text"] == expected["text"] == "<think>+</think><REF_POS><REF_POS><REF_POS>"
     assert report["scores"] == pytest.approx(expected["scores"], rel=1e-5)
     assert report["trace_slots"] == [0, 1, 2]
     for got, want in zip(report["masks"], expected["masks"]):
@@ -263,7 +268,7 @@ def png_base64(array: np.ndarray) -> str:
 def test_endpoint_handler_answers_base64_and_binary_requests(pipe):
     handler = EndpointHandler(pipe=pipe)
     picture = np.random.default_rng(5).integers(0, 256, (24, 40, 3), dtype=np.uint8)
-    parameters = {"max_new_tokens": 3, "confidence_threshold": -1e9}
+    parameters = {"max_new_tokens": 7, "confidence_threshold": -1e9}
     expected = pipe(picture, "the red square", generation_kwargs=FORCE_REFS, **parameters)
     with mock.patch.object(pipe, "_forward_params", {"generation_kwargs": FORCE_REFS}):
         as_json = handler(
@@ -346,7 +351,7 @@ def test_demo_function_shows_masks_text_and_trace():
 
 def test_demo_function_with_the_real_pipeline_explains_a_missing_mask(pipe):
     picture = np.random.default_rng(1).integers(0, 256, (30, 20, 3), dtype=np.uint8)
-    result = segment_for_demo(pipe, picture, "the red square", max_new_tokens=3,
+    result = segment_for_demo(pipe, picture, "the red square", max_new_tokens=7,
                               confidence_threshold=1e9, generation_kwargs=FORCE_REFS)  # fmt: skip
     np.testing.assert_array_equal(result.overlay, picture)  # no mask, nothing drawn
     assert "No mask:" in result.text and "confidence threshold" in result.text

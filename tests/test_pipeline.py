@@ -16,11 +16,11 @@ from modeling_segcompass.pipeline_segcompass import (
     concept_trace,
     top_concepts_of_slot,
 )
-from tests.helpers import REF, build_tiny_tokenizer_and_processor
+from tests.helpers import REF, build_tiny_tokenizer_and_processor, force_answer
 
 # Generation of an untrained model is arbitrary; a large bias on <REF_POS> makes it answer
 # with K reference tokens, a suppression makes it never write one.
-FORCE_REFS = {"sequence_bias": [[[REF], 100.0]]}
+FORCE_REFS = {"prefix_allowed_tokens_fn": force_answer(3)}  # a well-formed answer, K = 3
 NO_REFS = {"suppress_tokens": [REF]}
 
 
@@ -49,10 +49,10 @@ def test_task_builds_the_pipeline_with_the_processor(pipe, parts):
 
 def test_pipeline_returns_what_segment_returns(pipe, parts):
     model, processor = parts
-    kwargs = {"max_new_tokens": 3, "generation_kwargs": FORCE_REFS, "confidence_threshold": -1e9}
+    kwargs = {"max_new_tokens": 7, "generation_kwargs": FORCE_REFS, "confidence_threshold": -1e9}
     out = pipe(image(), "the red circle", **kwargs)
     (direct,) = model.segment([image()], ["the red circle"], processor=processor, **kwargs)
-    assert out["text"] == direct.text == "<REF_POS><REF_POS><REF_POS>"
+    assert out["text"] == direct.text == "<think>+</think><REF_POS><REF_POS><REF_POS>"
     assert out["reason"] is None
     assert out["slot_indices"] == [0, 1, 2]  # every slot kept at this threshold
     assert len(out["masks"]) == 3
@@ -67,7 +67,7 @@ def test_pipeline_returns_what_segment_returns(pipe, parts):
 
 
 def test_threshold_above_every_confidence_gives_no_mask_and_says_why(pipe):
-    out = pipe(image(), "the red circle", max_new_tokens=3, generation_kwargs=FORCE_REFS,
+    out = pipe(image(), "the red circle", max_new_tokens=7, generation_kwargs=FORCE_REFS,
                confidence_threshold=1e9)  # fmt: skip
     assert out["masks"] == [] and out["scores"] == [] and out["slot_indices"] == []
     assert "confidence threshold" in out["reason"]
@@ -82,7 +82,7 @@ def test_completion_without_ref_token_gives_no_mask(pipe):
 
 
 def test_input_forms_agree(pipe):
-    kwargs = {"max_new_tokens": 3, "generation_kwargs": FORCE_REFS, "confidence_threshold": -1e9}
+    kwargs = {"max_new_tokens": 7, "generation_kwargs": FORCE_REFS, "confidence_threshold": -1e9}
     images = [image(seed=1), image(32, 32, seed=2)]
     single = [pipe(img, "the blue square", **kwargs) for img in images]
     listed = pipe(images, "the blue square", **kwargs)
@@ -108,7 +108,7 @@ def test_bad_inputs_are_refused_clearly(pipe):
 
 
 def test_heatmaps_on_request(pipe):
-    out = pipe(image(), "the red circle", max_new_tokens=3, generation_kwargs=FORCE_REFS,
+    out = pipe(image(), "the red circle", max_new_tokens=7, generation_kwargs=FORCE_REFS,
                return_heatmaps=True)  # fmt: skip
     heatmaps = out["heatmaps"]
     assert heatmaps.shape == (3, 48, 80)

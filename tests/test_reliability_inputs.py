@@ -238,28 +238,63 @@ def test_segment_refuses_bad_images_and_instructions_by_name(setup):
         model.segment({"not": "an image"}, "x", processor)
 
 
-def _segment(setup, sequence, height=40, width=56):
+def _segment(setup, sequence, height=40, width=56, **kwargs):
     model, processor = setup
     (result,) = model.segment(
         image(height, width), "the red circle", processor, max_new_tokens=len(sequence) + 1,
         confidence_threshold=-1e9, generation_kwargs={"prefix_allowed_tokens_fn": forced(sequence)},
+        **kwargs,
     )  # fmt: skip
     return result
 
 
-def test_completion_without_think_end_still_grounds_its_ref_tokens_but_scores_format_0(setup):
-    result = _segment(setup, [THINK, 20, REF, IM_END])
+@pytest.mark.parametrize(
+    ("sequence", "problem"),
+    [
+        ([THINK, 20, REF, IM_END], "has 1 <think> and 0 </think> tags"),
+        ([20, REF, IM_END], "has 0 <think> and 0 </think> tags"),
+        ([THINK, 20, THINK_END, THINK_END, REF, IM_END], "has 1 <think> and 2 </think> tags"),
+        ([THINK_END, THINK, 20, REF, IM_END], "</think> comes before <think>"),
+        ([THINK, REF, THINK_END, REF, IM_END], "a <REF_POS> token stands inside"),
+        (
+            [THINK, 20, THINK_END, *[REF] * 5, IM_END],
+            "it has 5 <REF_POS> tokens but the model has 3",
+        ),
+    ],
+    ids=[
+        "no-think-end",
+        "no-think",
+        "two-think-ends",
+        "reversed-tags",
+        "ref-in-thought",
+        "too-many",
+    ],
+)
+def test_completion_that_breaks_the_format_gets_no_mask_a_reason_and_format_0(
+    setup, sequence, problem
+):
+    result = _segment(setup, sequence)
+    assert result.masks.shape == (0, 40, 56) and result.scores.numel() == 0
+    assert result.slot_indices.numel() == 0
+    assert result.reason.startswith("the completion breaks the format") and problem in result.reason
+    # the heatmaps and the trace are still returned, for inspection
+    assert result.heatmaps.shape == (3, 40, 56)
+    assert format_score(result.text, num_ref=3) == 0.0
+
+
+def test_strict_format_false_grounds_the_last_k_refs_of_a_broken_completion(setup):
+    result = _segment(setup, [THINK, 20, REF, IM_END], strict_format=False)
     assert "</think>" not in result.text and result.text.count("<REF_POS>") == 1
     assert result.reason is None and result.slot_indices.tolist() == [0]
     assert result.masks.shape == (1, 40, 56)
-    assert format_score(result.text, num_ref=1) == 0.0
-
-
-def test_too_many_ref_tokens_use_the_last_k_and_score_format_0(setup):
-    result = _segment(setup, [THINK, 20, THINK_END, *[REF] * 5, IM_END])
-    assert result.text.count("<REF_POS>") == 5
+    result = _segment(setup, [THINK, 20, THINK_END, *[REF] * 5, IM_END], strict_format=False)
     assert result.slot_indices.tolist() == [0, 1, 2] and result.masks.shape == (3, 40, 56)
-    assert format_score(result.text, num_ref=3) == 0.0
+
+
+def test_well_formed_completion_is_grounded_and_scores_format_1(setup):
+    result = _segment(setup, [THINK, 20, THINK_END, REF, REF, IM_END])
+    assert result.reason is None and result.slot_indices.tolist() == [0, 1]
+    assert format_score(result.text, num_ref=2) == 1.0
 
 
 @pytest.mark.parametrize(
