@@ -553,10 +553,39 @@ def _grpo_multipliers(value: str) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in parsed.items()}
 
 
+def _grpo_resume_target(value: str | None, output: Path) -> str | bool | None:
+    """`--resume` of `grpo`: None (fresh run), True (last complete checkpoint in --output) or a
+    checkpoint path; a missing or incomplete checkpoint is a user error."""
+    from .checkpointing import COMPLETE_MARKER, is_complete_checkpoint, last_complete_checkpoint
+
+    if value is None:
+        return None
+    if value == "auto":
+        if not output.is_dir() or last_complete_checkpoint(output) is None:
+            raise CLIError(
+                f"--resume: no complete checkpoint-N folder in {str(output)!r} to resume from; "
+                "run without --resume and with --save-steps N first."
+            )
+        return True
+    path = Path(value)
+    if not path.is_dir():
+        raise CLIError(f"--resume {value!r}: no such checkpoint folder.")
+    if not is_complete_checkpoint(path) and not is_complete_checkpoint(path, require_marker=False):
+        last = last_complete_checkpoint(path.parent)
+        hint = f" The last complete one there is {last!r}." if last else ""
+        raise CLIError(
+            f"--resume {value!r}: incomplete checkpoint (neither {COMPLETE_MARKER} nor "
+            f"trainer_state.json; the run stopped while writing it).{hint}"
+        )
+    return str(path)
+
+
 def cmd_grpo(args: argparse.Namespace) -> int:
     """`segcompass grpo`: `grpo_trainer.SegCompassGRPOTrainer`, then save model and processor."""
     output = Path(args.output)
-    _check_output_dir(output, overwrite=args.overwrite)
+    resume = _grpo_resume_target(args.resume, output)
+    if resume is None:
+        _check_output_dir(output, overwrite=args.overwrite)
     _positive(
         args, "steps", "batch_size", "num_generations", "max_completion_length", "logging_steps"
     )
@@ -617,7 +646,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
         train_dataset=dataset,
         processing_class=loaded.processor,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     _save_model(loaded.model, loaded.processor, output)
     _write_json(output / "training_log.json", trainer.state.log_history)
     rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
@@ -1136,7 +1165,8 @@ def build_parser() -> argparse.ArgumentParser:
     grpo = add(
         "grpo",
         "GRPO on the reasoning path with format + mask rewards and the segmentation losses "
-        "in the same step (TRL's GRPOTrainer); the final model and processor go to OUTPUT.",
+        "in the same step (TRL's GRPOTrainer); atomic checkpoints under OUTPUT/checkpoint-N "
+        "(--save-steps, resumable with --resume), the final model and processor in OUTPUT.",
         [_common()],
     )
     grpo.add_argument("--model", required=True, help="model folder (config.json + processor)")
@@ -1171,8 +1201,15 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--seg-loss-weight", type=float, default=1.0, help="segmentation loss weight")
     grpo.add_argument("--conf-loss-weight", type=float, default=0.2, help="confidence loss weight")
     grpo.add_argument(
-        "--save-steps", type=int, default=0, help="checkpoint every N steps (0: no checkpoints)"
-    )
+        "--save-steps", type=int, default=0,
+        help="checkpoint every N steps into OUTPUT/checkpoint-N (0: no checkpoints)",
+    )  # fmt: skip
+    grpo.add_argument(
+        "--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
+        help="continue a stopped run: 'auto' (the default value) takes the last complete "
+        "checkpoint in --output, or give a checkpoint folder; pass the same --model, --data and "
+        "options as the stopped run (the KL reference is rebuilt from --model)",
+    )  # fmt: skip
     grpo.add_argument("--logging-steps", type=int, default=5, help="log every N steps")
     grpo.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
     grpo.set_defaults(handler=cmd_grpo)

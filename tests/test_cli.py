@@ -2,6 +2,7 @@
 on a tiny saved model, and the user-error path (exit 2, one line, no traceback)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -380,6 +381,53 @@ def test_grpo_runs_a_step_and_saves_the_updated_model(capsys, model_dir, tmp_pat
     changed = [k for k in start if not torch.equal(start[k], trained[k])]
     assert any(k.startswith("mask_decoder.") for k in changed)
     assert any(k.startswith("codebook.") for k in changed)
+
+
+def test_grpo_resume_continues_the_stopped_run(capsys, model_dir, tmp_path):
+    """A 2-step run vs the same run stopped after checkpoint-1 and resumed (auto and by path)."""
+    options = [
+        "--model", model_dir, "--data", "synthetic[:4]", "--steps", "2", "--batch-size", "4",
+        "--num-generations", "2", "--max-completion-length", "6", "--lr", "1e-2",
+        "--beta", "0.05", "--save-steps", "1", "--logging-steps", "1", "--no-progress",
+        "--device", "cpu",
+    ]  # fmt: skip
+    full = tmp_path / "full"
+    code, _, err = run(capsys, "grpo", *options, "--output", full)
+    assert code == 0, err
+    reference = json.loads((full / "training_log.json").read_text())
+    final = SegCompassForReasoningSegmentation.from_pretrained(full).state_dict()
+
+    def steps_of(log):
+        return {
+            e["step"]: {k: v for k, v in e.items() if "time" not in k} for e in log if "loss" in e
+        }
+
+    for how in ("auto", "path"):
+        out = tmp_path / how
+        code, _, err = run(capsys, "grpo", *options, "--output", out, "--resume")
+        assert code == 2 and "no complete checkpoint" in err
+        code, _, err = run(capsys, "grpo", *options, "--output", out, "--resume", full / "nope")
+        assert code == 2 and "no such checkpoint" in err
+        out.mkdir()  # the stopped run: only checkpoint-1 survived
+        shutil.copytree(full / "checkpoint-1", out / "checkpoint-1")
+        resume = ["--resume"] if how == "auto" else ["--resume", out / "checkpoint-1"]
+        code, printed, err = run(capsys, "grpo", *options, "--output", out, *resume)
+        assert code == 0, err
+        assert "GRPO: 2 steps" in printed
+        log = json.loads((out / "training_log.json").read_text())
+        got, expected = steps_of(log), steps_of(reference)
+        assert sorted(got) == sorted(expected) == [1, 2]
+        for step, entry in got.items():
+            assert entry == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
+        resumed = SegCompassForReasoningSegmentation.from_pretrained(out).state_dict()
+        for name, value in final.items():
+            torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    (tmp_path / "half" / "checkpoint-3").mkdir(parents=True)  # killed while writing
+    code, _, err = run(
+        capsys, "grpo", *options, "--output", tmp_path / "o", "--resume",
+        tmp_path / "half" / "checkpoint-3",
+    )  # fmt: skip
+    assert code == 2 and "incomplete checkpoint" in err
 
 
 @pytest.mark.parametrize(
