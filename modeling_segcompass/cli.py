@@ -464,18 +464,12 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     """`segcompass sft`: `sft.train_sft`, then save the (LoRA-merged) model and processor."""
-    from .checkpointing import last_complete_checkpoint
     from .sft import ModuleLearningRates, merge_lora, sft_training_arguments, train_sft
 
     output = Path(args.output)
     _positive(args, "steps", "batch_size", "save_steps", "logging_steps")
-    if args.resume:
-        if not output.is_dir() or last_complete_checkpoint(output) is None:
-            raise CLIError(
-                f"--resume: no complete checkpoint-N folder in {str(output)!r} to resume from; "
-                "run without --resume first (checkpoints are written every --save-steps)."
-            )
-    else:
+    resume = _resume_target(args.resume, output)
+    if resume is None:
         _check_output_dir(output, overwrite=args.overwrite)
     spec = parse_data_spec(args.data)
     _seed(args.seed)
@@ -518,7 +512,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         args=training_args,
         lora=lora,
         module_learning_rates=rates,
-        resume_from_checkpoint=True if args.resume else None,
+        resume_from_checkpoint=resume,
     )
     if args.lora:
         merge_lora(loaded.model)
@@ -553,8 +547,8 @@ def _grpo_multipliers(value: str) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in parsed.items()}
 
 
-def _grpo_resume_target(value: str | None, output: Path) -> str | bool | None:
-    """`--resume` of `grpo`: None (fresh run), True (last complete checkpoint in --output) or a
+def _resume_target(value: str | None, output: Path) -> str | bool | None:
+    """`--resume` of `sft` and `grpo`: None (fresh run), True (last complete checkpoint in --output) or a
     checkpoint path; a missing or incomplete checkpoint is a user error."""
     from .checkpointing import COMPLETE_MARKER, is_complete_checkpoint, last_complete_checkpoint
 
@@ -583,7 +577,7 @@ def _grpo_resume_target(value: str | None, output: Path) -> str | bool | None:
 def cmd_grpo(args: argparse.Namespace) -> int:
     """`segcompass grpo`: `grpo_trainer.SegCompassGRPOTrainer`, then save model and processor."""
     output = Path(args.output)
-    resume = _grpo_resume_target(args.resume, output)
+    resume = _resume_target(args.resume, output)
     if resume is None:
         _check_output_dir(output, overwrite=args.overwrite)
     _positive(
@@ -1153,8 +1147,9 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--lora-r", type=int, default=8, help="LoRA rank (with --lora)")
     sft.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (with --lora)")
     sft.add_argument(
-        "--resume", action="store_true",
-        help="continue from the last complete checkpoint in --output (same options as before)",
+        "--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
+        help="continue a stopped run: 'auto' (the default value) takes the last complete "
+        "checkpoint in --output, or give a checkpoint folder; pass the same options as before",
     )  # fmt: skip
     sft.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
     sft.add_argument("--logging-steps", type=int, default=10, help="log losses every N steps")

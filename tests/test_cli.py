@@ -366,6 +366,38 @@ def test_sft_trains_saves_and_refuses_a_resume_without_checkpoint(capsys, model_
     assert not torch.equal(trained["codebook.slot_queries"], start["codebook.slot_queries"])
 
 
+def test_sft_resume_by_path_continues_the_stopped_run(capsys, model_dir, tmp_path):
+    """A 3-step run vs the same run stopped after checkpoint-2 and resumed by path."""
+    options = [
+        "--model", model_dir, "--data", "synthetic[:8]", "--steps", "3", "--batch-size", "2",
+        "--lr", "1e-2", "--lr-multipliers", "uniform", "--save-steps", "2", "--no-progress",
+        "--device", "cpu",
+    ]  # fmt: skip
+    full = tmp_path / "full"
+    code, _, err = run(capsys, "sft", *options, "--output", full)
+    assert code == 0, err
+    final = SegCompassForReasoningSegmentation.from_pretrained(full).state_dict()
+    out = tmp_path / "stopped"
+    out.mkdir()  # only checkpoint-2 survived
+    shutil.copytree(full / "checkpoint-2", out / "checkpoint-2")
+    # start the resumed run from other weights: only a real resume can reach `final`
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)
+    model = SegCompassForReasoningSegmentation.from_pretrained(other)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1)
+    model.save_pretrained(other)
+    options[options.index("--model") + 1] = other
+    code, _, err = run(capsys, "sft", *options, "--output", out, "--resume", out / "checkpoint-2")
+    assert code == 0, err
+    resumed = SegCompassForReasoningSegmentation.from_pretrained(out).state_dict()
+    for name, value in final.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    code, _, err = run(capsys, "sft", *options, "--output", out, "--resume", full / "nope")
+    assert code == 2 and "no such checkpoint" in err
+
+
 def test_grpo_runs_a_step_and_saves_the_updated_model(capsys, model_dir, tmp_path):
     out_dir = tmp_path / "grpo"
     code, out, err = run(
