@@ -6,7 +6,9 @@ Steps: build the synthetic world and its tokenizer, train the tiny model with it
 loss (LM + segmentation) for `--steps` AdamW steps, scan concept labels over training
 examples, then on held-out examples: `explain`, `concept_ablation_study`,
 `rank_concepts_by_effect`, `concept_quality_vs_accuracy`, and a static HTML report
-(``OUT/report/index.html``) plus a JSON concept trace (``OUT/trace.json``).
+(``OUT/report/index.html``) plus a JSON concept trace (``OUT/trace.json``), a picture of
+one slot's heatmap and mask with its top concepts and with random ones removed
+(``OUT/report/ablation_0.png``), and the trained model (``OUT/model``).
 Everything runs on CPU without downloads.
 """
 
@@ -18,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation, interpret
@@ -72,6 +75,8 @@ def main() -> None:
     labels = build_concept_labels(model, scan, tokenizer, top_k=10)
     args.out.mkdir(parents=True, exist_ok=True)
     save_concept_labels(labels, args.out)
+    model.save_pretrained(args.out / "model")
+    processor.save_pretrained(args.out / "model")
 
     # ---- held-out examples with the gold completion (teacher-forced trace)
     held_out = generate_examples(world, args.num_eval, start=10**6)
@@ -84,6 +89,28 @@ def main() -> None:
     )
     explanations = interpret.explain(model, inputs, tokenizer=tokenizer, concept_labels=labels)
     study = interpret.concept_ablation_study(model, inputs, top_n=3, random_draws=5)
+    # one slot, drawn: its top-3 concepts removed vs 3 random active ones
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "sam_pixel_values")
+    with torch.no_grad():
+        output = model(**{k: inputs[k] for k in keys}, compute_logits=False)
+    record = study.records[0]
+    active = output.concept_indices[record.sample][output.concept_values[record.sample] > 0]
+    pool = sorted(set(active.tolist()) - set(record.top_concepts))
+    rows = inputs["input_ids"].shape[0]
+    random_ids = np.random.default_rng(args.seed).choice(pool, 3, replace=False).tolist()
+    edits = {
+        "top-3 removed": interpret.ablate_concepts(
+            model, inputs, [record.top_concepts if b == record.sample else [] for b in range(rows)]
+        ),
+        "3 random removed": interpret.ablate_concepts(
+            model, inputs, [random_ids if b == record.sample else [] for b in range(rows)]
+        ),
+    }
+    interpret.render_ablation(
+        output, edits, record.sample, record.slot, args.out / "report" / "ablation_0.png",
+        image=shown[record.sample]["image"],
+        title=f"{shown[record.sample]['instruction']} (slot {record.slot})",
+    )  # fmt: skip
     ranking = interpret.rank_concepts_by_effect(
         model, inputs, max_candidates=16, concept_labels=labels
     )

@@ -199,26 +199,68 @@ def _binary_iou(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+# The measures of how far an edit moved a slot, all (E, K), computed on the valid area.
+CHANGE_MEASURES = (
+    "mask_change",
+    "soft_mask_change",
+    "mask_logit_change",
+    "prob_change",
+    "heatmap_change",
+    "conf_change",
+)
+
+
+def _soft_iou(p: torch.Tensor, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Soft IoU of two probability maps over the last two dims: sum(min) / sum(max) on `valid`.
+
+    Equals the binary IoU for 0/1 maps; 1 for identical maps; both empty -> 1.
+    """
+    area = valid.to(p.dtype)
+    inter = (torch.minimum(p, q) * area).flatten(-2).sum(-1)
+    union = (torch.maximum(p, q) * area).flatten(-2).sum(-1)
+    return torch.where(union > 0, inter / union.clamp_min(1e-30), torch.ones_like(union))
+
+
 def _changes(
     before: SegCompassOutput,
     after_masks: torch.Tensor,
+    after_heatmaps: torch.Tensor,
     after_conf: torch.Tensor,
     rows: Sequence[int],
     valid: torch.Tensor,
     threshold: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mask change (1 - IoU), mean |delta probability| and confidence change, (E, K) each."""
+) -> dict[str, torch.Tensor]:
+    """How far each edited forward moved each slot, relative to the unedited one.
+
+    Returns a dict of (E, K) tensors (E = edits), keys `CHANGE_MEASURES`:
+    ``mask_change`` 1 - binary IoU of the masks; ``soft_mask_change`` 1 - soft IoU of the
+    sigmoid masks (double precision, so that it does not underflow far from the threshold);
+    ``mask_logit_change`` mean |delta mask logit|; ``prob_change`` mean |delta sigmoid|;
+    ``heatmap_change`` mean |delta heatmap logit| (the prompt SAM received); ``conf_change``
+    the change of the sigmoid confidence. Means are over the valid area.
+    """
     index = torch.as_tensor(list(rows))
-    ref_logits = before.mask_logits.detach().cpu().float()[index]  # (E, K, M, M)
-    new_logits = after_masks.detach().cpu().float()
+    ref_logits = before.mask_logits.detach().cpu().double()[index]  # (E, K, M, M)
+    new_logits = after_masks.detach().cpu().double()
     area = valid[index].unsqueeze(1)  # (E, 1, M, M)
-    iou = _binary_iou(ref_logits > threshold, new_logits > threshold, area)
-    delta = (torch.sigmoid(new_logits) - torch.sigmoid(ref_logits)).abs() * area
-    prob = delta.flatten(-2).sum(-1) / area.flatten(-2).sum(-1).clamp_min(1)
+    count = area.flatten(-2).sum(-1).clamp_min(1).double()  # (E, 1)
+
+    def mean_abs(delta: torch.Tensor) -> torch.Tensor:
+        return ((delta.abs() * area).flatten(-2).sum(-1) / count).float()
+
+    ref_prob, new_prob = torch.sigmoid(ref_logits), torch.sigmoid(new_logits)
+    ref_heat = before.heatmap_logits.detach().cpu().double()[index]
     conf = torch.sigmoid(after_conf.detach().cpu().float()) - torch.sigmoid(
         before.conf_logits.detach().cpu().float()[index]
     )
-    return 1.0 - iou, prob, conf
+    return {
+        "mask_change": 1.0 - _binary_iou(ref_logits > threshold, new_logits > threshold, area),
+        "soft_mask_change": (1.0 - _soft_iou(ref_prob, new_prob, area)).float(),
+        "mask_logit_change": mean_abs(new_logits - ref_logits),
+        "prob_change": mean_abs(new_prob - ref_prob),
+        "heatmap_change": mean_abs(after_heatmaps.detach().cpu().double() - ref_heat),
+        "conf_change": conf,
+    }
 
 
 @torch.no_grad()
@@ -607,7 +649,14 @@ class AblationResult:
         masks, original_masks: (B, K, M, M) bool masks after / before.
         mask_iou_to_original: (B, K) IoU of the new mask with the unedited one (1 = unchanged).
         mask_change: (B, K) 1 - mask_iou_to_original.
+        soft_mask_change: (B, K) 1 - soft IoU (sum min / sum max) of the sigmoid masks: moves
+            when the mask probabilities move although no pixel crosses the threshold.
+        mask_logit_change: (B, K) mean |mask logit change| over the valid area (does not
+            saturate far from the threshold, where the sigmoid does).
         prob_change: (B, K) mean |sigmoid change| of the mask over the valid area.
+        heatmap_change: (B, K) mean |heatmap logit change|: how far the prompt SAM receives
+            moved. A large heatmap change with ~0 mask change means the mask decoder does
+            not follow its prompt (see `mask_prompt_dependence`).
         conf_change: (B, K) change of the sigmoid confidence.
         gt_iou_before, gt_iou_after: (B, K) IoU with the slot's matched ground-truth mask
             (needs ``gt_masks`` in the inputs; NaN for slots without a target).
@@ -623,7 +672,10 @@ class AblationResult:
     original_masks: torch.Tensor
     mask_iou_to_original: torch.Tensor
     mask_change: torch.Tensor
+    soft_mask_change: torch.Tensor
+    mask_logit_change: torch.Tensor
     prob_change: torch.Tensor
+    heatmap_change: torch.Tensor
     conf_change: torch.Tensor
     gt_iou_before: torch.Tensor
     gt_iou_after: torch.Tensor
@@ -635,7 +687,10 @@ class AblationResult:
             "swaps": [{str(a): b for a, b in s.items()} for s in self.swaps],
             "mask_iou_to_original": self.mask_iou_to_original.tolist(),
             "mask_change": self.mask_change.tolist(),
+            "soft_mask_change": self.soft_mask_change.tolist(),
+            "mask_logit_change": self.mask_logit_change.tolist(),
             "prob_change": self.prob_change.tolist(),
+            "heatmap_change": self.heatmap_change.tolist(),
             "conf_change": self.conf_change.tolist(),
             "gt_iou_before": _nan_to_none(self.gt_iou_before.tolist()),
             "gt_iou_after": _nan_to_none(self.gt_iou_after.tolist()),
@@ -750,7 +805,7 @@ def ablate_concepts(
     new_masks, new_heat, new_conf = _run_edits(model, inputs, output, rows, zero, swaps)
     threshold = model.config.mask_threshold
     valid = _valid_area(inputs, batch, new_masks.shape[-1])
-    change, prob, conf = _changes(output, new_masks, new_conf, rows, valid, threshold)
+    moved = _changes(output, new_masks, new_heat, new_conf, rows, valid, threshold)
     before = _gt_iou(output, output.mask_logits, inputs, rows, threshold)
     after = _gt_iou(output, new_masks, inputs, rows, threshold)
     return AblationResult(
@@ -761,10 +816,8 @@ def ablate_concepts(
         conf_logits=new_conf,
         masks=new_masks > threshold,
         original_masks=output.mask_logits.cpu() > threshold,
-        mask_iou_to_original=1.0 - change,
-        mask_change=change,
-        prob_change=prob,
-        conf_change=conf,
+        mask_iou_to_original=1.0 - moved["mask_change"],
+        **moved,
         gt_iou_before=before,
         gt_iou_after=after,
         iou_change=after - before,
@@ -779,7 +832,10 @@ class ConceptEffect:
         latent_id: the latent; weight: its weight in the measured slot(s).
         label: its name (None without labels).
         mask_change: 1 - IoU of the new mask with the unedited one.
+        soft_mask_change: 1 - soft IoU of the sigmoid masks.
+        mask_logit_change: mean |mask logit change|.
         prob_change: mean |sigmoid change| of the mask.
+        heatmap_change: mean |heatmap logit change|.
         conf_change: change of the sigmoid confidence.
     """
 
@@ -787,7 +843,10 @@ class ConceptEffect:
     weight: float
     label: str | None
     mask_change: float
+    soft_mask_change: float
+    mask_logit_change: float
     prob_change: float
+    heatmap_change: float
     conf_change: float
 
 
@@ -797,7 +856,9 @@ class ConceptRanking:
 
     Attributes:
         sample: row in the batch; slots: the slots measured (effects averaged over them).
-        effects: one `ConceptEffect` per candidate, sorted by (mask_change, prob_change).
+        effects: one `ConceptEffect` per candidate, sorted by (mask_change, soft_mask_change,
+            mask_logit_change): the binary change first, the continuous ones break its ties
+            (with binary-stable masks every mask_change is 0).
     """
 
     sample: int
@@ -822,7 +883,9 @@ def rank_concepts_by_effect(
 
     The candidates are each sample's active latents, the `max_candidates` with the largest
     weight in the measured slot(s) (`slot`, or every slot with a `<REF_POS>` token). All the
-    edited copies of a sample run batched (`chunk_size` rows per forward).
+    edited copies of a sample run batched (`chunk_size` rows per forward). The ranking key is
+    (mask_change, soft_mask_change, mask_logit_change), so that concepts are still ordered by
+    their effect on the mask when no pixel crosses the threshold.
     """
     _check_inputs(inputs, "rank_concepts_by_effect")
     output = _reference_output(model, inputs, output)
@@ -842,24 +905,115 @@ def rank_concepts_by_effect(
         top = totals.topk(count)
         candidates, cand_weights = top.indices.tolist(), top.values.tolist()
         rows = [b] * len(candidates)
-        new_masks, _, new_conf = _run_edits(
+        new_masks, new_heat, new_conf = _run_edits(
             model, inputs, output, rows, [[c] for c in candidates], chunk_size=chunk_size
         )
-        change, prob, conf = _changes(output, new_masks, new_conf, rows, valid, threshold)
+        moved = _changes(output, new_masks, new_heat, new_conf, rows, valid, threshold)
         effects = [
             ConceptEffect(
                 latent_id=c,
                 weight=w,
                 label=concept_labels.label(c) if concept_labels is not None else None,
-                mask_change=float(change[e, slots].mean()),
-                prob_change=float(prob[e, slots].mean()),
-                conf_change=float(conf[e, slots].mean()),
+                **{name: float(moved[name][e, slots].mean()) for name in CHANGE_MEASURES},
             )
             for e, (c, w) in enumerate(zip(candidates, cand_weights))
         ]
-        effects.sort(key=lambda x: (x.mask_change, x.prob_change), reverse=True)
+        effects.sort(
+            key=lambda x: (x.mask_change, x.soft_mask_change, x.mask_logit_change), reverse=True
+        )
         rankings.append(ConceptRanking(b, slots, effects))
     return rankings
+
+
+@dataclass
+class PromptDependence:
+    """How much each slot's mask depends on its heatmap prompt at all.
+
+    Every slot's heatmap is replaced by a blank prompt (a constant map) and decoded again
+    with the same image embedding. If the masks barely move, no edit upstream of the heatmap
+    (concepts, slots) can move them either: the mask decoder does not follow its prompt.
+    B = batch, K = slots.
+
+    Attributes:
+        blank: the constant logit(s) used, (B, K).
+        mask_change, soft_mask_change, mask_logit_change: (B, K), as in `AblationResult`.
+        heatmap_change: (B, K) mean |heatmap logit change| of the blanking itself.
+    """
+
+    blank: torch.Tensor
+    mask_change: torch.Tensor
+    soft_mask_change: torch.Tensor
+    mask_logit_change: torch.Tensor
+    heatmap_change: torch.Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.tolist() for k, v in asdict(self).items()}
+
+
+@torch.no_grad()
+def mask_prompt_dependence(
+    model: Any,
+    inputs: Mapping[str, Any],
+    output: SegCompassOutput | None = None,
+    *,
+    blank: str | float = "min",
+) -> PromptDependence:
+    """Decode every slot again from a blank heatmap and measure how far its mask moves.
+
+    Args:
+        model: a `SegCompassForReasoningSegmentation`.
+        inputs: processor batch (prompt + completion).
+        output: the unedited output on `inputs` (computed when None).
+        blank: "min" (each slot's prompt becomes a constant map at its own lowest heatmap
+            logit: the slot points nowhere) or a number (that constant logit everywhere).
+    """
+    _check_inputs(inputs, "mask_prompt_dependence")
+    if not (blank == "min" or isinstance(blank, (int, float)) and math.isfinite(blank)):
+        raise ValueError(
+            f"mask_prompt_dependence: blank must be 'min' or a finite number, got {blank!r}."
+        )
+    output = _reference_output(model, inputs, output)
+    heat = output.heatmap_logits.detach()  # (B, K, M, M)
+    if blank == "min":
+        value = heat.flatten(-2).min(-1).values  # (B, K)
+    else:
+        value = torch.full(heat.shape[:2], float(blank), dtype=heat.dtype, device=heat.device)
+    prompt = value[..., None, None].expand_as(heat).contiguous()
+    was_training = model.training
+    model.eval()
+    try:
+        masks, _ = model.decode_masks(prompt, output.image_embeddings)
+    finally:
+        model.train(was_training)
+    batch = heat.shape[0]
+    valid = _valid_area(inputs, batch, masks.shape[-1])
+    moved = _changes(
+        output, masks, prompt, output.conf_logits, range(batch), valid, model.config.mask_threshold
+    )
+    return PromptDependence(
+        blank=value.cpu(),
+        mask_change=moved["mask_change"],
+        soft_mask_change=moved["soft_mask_change"],
+        mask_logit_change=moved["mask_logit_change"],
+        heatmap_change=moved["heatmap_change"],
+    )
+
+
+# measures compared in `concept_ablation_study` (conf_change is signed; it is not averaged)
+STUDY_MEASURES = (
+    "mask_change",
+    "soft_mask_change",
+    "mask_logit_change",
+    "prob_change",
+    "heatmap_change",
+)
+_MEASURE_NAMES = {
+    "mask_change": "mask change (1 - IoU with the unablated mask)",
+    "soft_mask_change": "soft mask change (1 - soft IoU of the mask probabilities)",
+    "mask_logit_change": "mean abs. change of the mask logits",
+    "prob_change": "mean abs. change of the mask probabilities",
+    "heatmap_change": "mean abs. change of the heatmap logits (SAM's prompt)",
+}
 
 
 @dataclass
@@ -868,25 +1022,27 @@ class AblationStudyRecord:
 
     Attributes:
         sample, slot: where; top_concepts: the slot's top-n latents.
-        top_mask_change, top_prob_change: effect of removing them (on this slot).
-        random_mask_changes, random_prob_changes: effect of each random draw.
+        top: effect of removing them on this slot, one value per `STUDY_MEASURES` name.
+        random: effect of each random draw, one list per measure.
     """
 
     sample: int
     slot: int
     top_concepts: list[int]
-    top_mask_change: float
-    top_prob_change: float
-    random_mask_changes: list[float]
-    random_prob_changes: list[float]
+    top: dict[str, float]
+    random: dict[str, list[float]]
+
+    def random_mean(self, measure: str) -> float:
+        values = self.random[measure]
+        return float(np.mean(values)) if values else math.nan
+
+    @property
+    def top_mask_change(self) -> float:
+        return self.top["mask_change"]
 
     @property
     def random_mask_change(self) -> float:
-        return float(np.mean(self.random_mask_changes)) if self.random_mask_changes else math.nan
-
-    @property
-    def random_prob_change(self) -> float:
-        return float(np.mean(self.random_prob_changes)) if self.random_prob_changes else math.nan
+        return self.random_mean("mask_change")
 
 
 @dataclass
@@ -896,42 +1052,62 @@ class AblationStudy:
     Attributes:
         records: one per (sample, slot with a `<REF_POS>` token and a random baseline).
         top_n, random_draws: the settings.
-        mean_top_mask_change, mean_random_mask_change: averages over records.
-        mean_top_prob_change, mean_random_prob_change: the same for mask probabilities.
-        fraction_top_greater: share of records where the top concepts moved the mask
-            probabilities more than the random average.
-        wilcoxon_p: one-sided Wilcoxon signed-rank p-value of top > random on prob change
+        mean_top, mean_random: per measure (`STUDY_MEASURES`), the average over records of the
+            top-concept effect and of the mean random-draw effect.
+        measure: the measure the test below uses ("mask_logit_change" by default: it is not
+            0 when the masks are binary-stable and does not underflow as probabilities do).
+        fraction_top_greater: share of records where the top concepts moved `measure` more
+            than the random average.
+        wilcoxon_p: one-sided Wilcoxon signed-rank p-value of top > random on `measure`
             (NaN with fewer than 2 records or no difference).
+        prompt_dependence: mean over the measured slots of the mask change (1 - IoU) when the
+            slot's heatmap is replaced by a blank prompt (`mask_prompt_dependence`): the most
+            any edit of the concepts could move the mask through the heatmap. Near 0, the
+            mask decoder ignores its prompt and the binary mask change must be ~0 too.
+        prompt_soft_dependence: the same with the soft mask change.
     """
 
     records: list[AblationStudyRecord]
     top_n: int
     random_draws: int
-    mean_top_mask_change: float
-    mean_random_mask_change: float
-    mean_top_prob_change: float
-    mean_random_prob_change: float
+    mean_top: dict[str, float]
+    mean_random: dict[str, float]
+    measure: str
     fraction_top_greater: float
     wilcoxon_p: float
+    prompt_dependence: float = math.nan
+    prompt_soft_dependence: float = math.nan
+
+    @property
+    def mean_top_mask_change(self) -> float:
+        return self.mean_top.get("mask_change", math.nan)
+
+    @property
+    def mean_random_mask_change(self) -> float:
+        return self.mean_random.get("mask_change", math.nan)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for record, raw in zip(self.records, data["records"]):
-            raw["random_mask_change"] = record.random_mask_change
-            raw["random_prob_change"] = record.random_prob_change
-        return data
+        return _nan_to_none_dict(asdict(self))
 
     def to_markdown(self) -> str:
-        return (
-            f"| measure | top-{self.top_n} concepts | {self.top_n} random active concepts |\n"
-            "|---|---|---|\n"
-            f"| mask change (1 - IoU with the unablated mask) | {self.mean_top_mask_change:.3f} | "
-            f"{self.mean_random_mask_change:.3f} |\n"
-            f"| mean abs. change of mask probability | {self.mean_top_prob_change:.4f} | "
-            f"{self.mean_random_prob_change:.4f} |\n\n"
-            f"{len(self.records)} slots; top > random in {self.fraction_top_greater:.0%}; "
-            f"one-sided Wilcoxon p = {self.wilcoxon_p:.2g}."
+        lines = [
+            f"| measure | top-{self.top_n} concepts | {self.top_n} random active concepts | "
+            "ratio |",
+            "|---|---|---|---|",
+        ]
+        for name in STUDY_MEASURES:
+            top, random = self.mean_top.get(name, math.nan), self.mean_random.get(name, math.nan)
+            ratio = f"{top / random:.1f}x" if random > 0 else "-"
+            lines.append(f"| {_MEASURE_NAMES[name]} | {top:.3g} | {random:.3g} | {ratio} |")
+        lines.append("")
+        lines.append(
+            f"{len(self.records)} slots; top > random on {self.measure} in "
+            f"{self.fraction_top_greater:.0%}; one-sided Wilcoxon p = {self.wilcoxon_p:.2g}. "
+            f"Blanking the heatmap prompt changes the masks by {self.prompt_dependence:.3f} "
+            f"(1 - IoU; soft {self.prompt_soft_dependence:.3f}): the most a concept edit can "
+            "do through the heatmap."
         )
+        return "\n".join(lines)
 
 
 def concept_ablation_study(
@@ -943,6 +1119,7 @@ def concept_ablation_study(
     seed: int = 0,
     output: SegCompassOutput | None = None,
     chunk_size: int = 16,
+    measure: str = "mask_logit_change",
 ) -> AblationStudy:
     """The reviewers' causal experiment, in one call.
 
@@ -950,6 +1127,9 @@ def concept_ablation_study(
     concepts (by weight in the slot) and measure the change of that slot's mask; then remove
     `top_n` latents drawn at random among those active in the sample but not in the top set,
     `random_draws` times, and average. All edits run batched with everything else frozen.
+    Every `STUDY_MEASURES` change is reported; the signed-rank test uses `measure`. The
+    study also blanks each slot's heatmap (`mask_prompt_dependence`) to say how much the
+    masks can depend on the heatmaps at all.
     """
     from scipy.stats import wilcoxon
 
@@ -958,6 +1138,10 @@ def concept_ablation_study(
         raise ValueError(
             f"concept_ablation_study: top_n and random_draws must be >= 1, got {top_n} and "
             f"{random_draws}."
+        )
+    if measure not in STUDY_MEASURES:
+        raise ValueError(
+            f"concept_ablation_study: measure must be one of {STUDY_MEASURES}, got {measure!r}."
         )
     output = _reference_output(model, inputs, output)
     rng = np.random.default_rng(seed)
@@ -978,15 +1162,18 @@ def concept_ablation_study(
                 rows.append(b)
                 zero.append(edit)
             owners.append((b, k, top, len(draws)))
+    nan = {name: math.nan for name in STUDY_MEASURES}
     if not rows:
         logger.warning(
             "concept_ablation_study: no slot with a <REF_POS> token and active concepts."
         )
-        return AblationStudy([], top_n, random_draws, *([math.nan] * 6))
-    new_masks, _, new_conf = _run_edits(model, inputs, output, rows, zero, chunk_size=chunk_size)
+        return AblationStudy([], top_n, random_draws, nan, dict(nan), measure, math.nan, math.nan)
+    new_masks, new_heat, new_conf = _run_edits(
+        model, inputs, output, rows, zero, chunk_size=chunk_size
+    )
     valid = _valid_area(inputs, batch, new_masks.shape[-1])
-    change, prob, _ = _changes(
-        output, new_masks, new_conf, rows, valid, model.config.mask_threshold
+    moved = _changes(
+        output, new_masks, new_heat, new_conf, rows, valid, model.config.mask_threshold
     )
     records, e = [], 0
     for b, k, top, draws in owners:
@@ -995,29 +1182,38 @@ def concept_ablation_study(
                 sample=b,
                 slot=k,
                 top_concepts=top,
-                top_mask_change=float(change[e, k]),
-                top_prob_change=float(prob[e, k]),
-                random_mask_changes=change[e + 1 : e + 1 + draws, k].tolist(),
-                random_prob_changes=prob[e + 1 : e + 1 + draws, k].tolist(),
+                top={name: float(moved[name][e, k]) for name in STUDY_MEASURES},
+                random={
+                    name: moved[name][e + 1 : e + 1 + draws, k].tolist() for name in STUDY_MEASURES
+                },
             )
         )
         e += 1 + draws
-    top_prob = np.array([r.top_prob_change for r in records])
-    random_prob = np.array([r.random_prob_change for r in records])
-    differences = top_prob - random_prob
+    top_values = np.array([r.top[measure] for r in records])
+    random_values = np.array([r.random_mean(measure) for r in records])
+    differences = top_values - random_values
     p_value = math.nan
     if len(records) >= 2 and np.any(differences != 0):
         p_value = float(wilcoxon(differences, alternative="greater").pvalue)
+    dependence = mask_prompt_dependence(model, inputs, output)
+    measured = [(r.sample, r.slot) for r in records]
     return AblationStudy(
         records=records,
         top_n=top_n,
         random_draws=random_draws,
-        mean_top_mask_change=float(np.mean([r.top_mask_change for r in records])),
-        mean_random_mask_change=float(np.mean([r.random_mask_change for r in records])),
-        mean_top_prob_change=float(top_prob.mean()),
-        mean_random_prob_change=float(random_prob.mean()),
+        mean_top={n: float(np.mean([r.top[n] for r in records])) for n in STUDY_MEASURES},
+        mean_random={
+            n: float(np.mean([r.random_mean(n) for r in records])) for n in STUDY_MEASURES
+        },
+        measure=measure,
         fraction_top_greater=float(np.mean(differences > 0)),
         wilcoxon_p=p_value,
+        prompt_dependence=float(
+            np.mean([float(dependence.mask_change[b, k]) for b, k in measured])
+        ),
+        prompt_soft_dependence=float(
+            np.mean([float(dependence.soft_mask_change[b, k]) for b, k in measured])
+        ),
     )
 
 
@@ -1488,6 +1684,78 @@ def render_explanation(
     return path
 
 
+def render_ablation(
+    output: SegCompassOutput,
+    edits: Mapping[str, AblationResult],
+    sample: int,
+    slot: int,
+    path: str | os.PathLike,
+    *,
+    image: Any = None,
+    threshold: float = 0.0,
+    title: str | None = None,
+) -> Path:
+    """Draw what removing concepts did to one slot: heatmaps (top row) and masks (bottom).
+
+    Column 1 is the unedited forward (`output`), then one column per entry of `edits`
+    (e.g. ``{"top-3 removed": ..., "3 random removed": ...}``, `ablate_concepts` results on
+    the same inputs). Titles give the mean |heatmap logit change| and the mask's 1 - IoU,
+    soft change and mean |logit change| against the unedited mask. Maps are drawn on the
+    (M, M) mask grid; `image` (square) is resized onto it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heat0 = output.heatmap_logits[sample, slot].detach().float().cpu()
+    mask0 = output.mask_logits[sample, slot].detach().float().cpu()
+    size = tuple(mask0.shape)
+    rgb = _as_rgb(image, size)
+    columns = [("unedited", heat0, mask0, None)]
+    for name, result in edits.items():
+        columns.append(
+            (
+                name,
+                result.heatmap_logits[sample, slot].float().cpu(),
+                result.mask_logits[sample, slot].float().cpu(),
+                result,
+            )
+        )
+    figure = _figure(2.7 * len(columns), 6.4)
+    axes = figure.subplots(2, len(columns), squeeze=False)
+    for c, (name, heat, mask, result) in enumerate(columns):
+        top, bottom = axes[0][c], axes[1][c]
+        top.imshow(rgb)
+        top.imshow(torch.sigmoid(heat).numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+        top.contour(heat.numpy() > threshold, levels=[0.5], colors="white", linewidths=0.8)
+        overlay = rgb.copy()
+        fg = (mask > threshold).numpy()
+        overlay[fg] = 0.45 * overlay[fg] + 0.55 * np.array(_SLOT_COLOURS[0])
+        bottom.imshow(overlay)
+        if fg.any():
+            bottom.contour(fg, levels=[0.5], colors="white", linewidths=0.8)
+        if result is None:
+            top.set_title(f"{name}\nheatmap (slot {slot})", fontsize=8)
+            bottom.set_title(f"{name}\nmask: {int(fg.sum())} px", fontsize=8)
+        else:
+            top.set_title(
+                f"{name}\nheatmap |d logit| {float(result.heatmap_change[sample, slot]):.3g}",
+                fontsize=8,
+            )
+            bottom.set_title(
+                f"mask 1-IoU {float(result.mask_change[sample, slot]):.3f}, "
+                f"soft {float(result.soft_mask_change[sample, slot]):.2g}\n"
+                f"|d logit| {float(result.mask_logit_change[sample, slot]):.3g}, "
+                f"{int(fg.sum())} px",
+                fontsize=8,
+            )
+        top.axis("off")
+        bottom.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
 def _wrap(text: str, width: int, max_lines: int = 14) -> str:
     import textwrap
 
@@ -1616,6 +1884,7 @@ __all__ = [
     "ConceptRanking",
     "Correlation",
     "ImageExplanation",
+    "PromptDependence",
     "QualityAccuracyReport",
     "SampleQuality",
     "SlotExplanation",
@@ -1626,7 +1895,9 @@ __all__ = [
     "concept_quality_vs_accuracy",
     "correlate",
     "explain",
+    "mask_prompt_dependence",
     "plot_quality_vs_accuracy",
+    "render_ablation",
     "render_explanation",
     "slot_concept_totals",
     "top_concepts",

@@ -7,11 +7,13 @@ their codebook rows are large, so these latents are what the slot gathers.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
@@ -221,6 +223,8 @@ def test_ablating_an_inactive_latent_changes_nothing_and_matches_a_manual_edit(w
     result = I.ablate_concepts(model, inputs, [inactive[0]], output=output)
     torch.testing.assert_close(result.mask_logits, output.mask_logits, atol=1e-5, rtol=0)
     assert (result.mask_iou_to_original == 1).all() and (result.prob_change < 1e-6).all()
+    assert (result.soft_mask_change < 1e-6).all() and (result.mask_logit_change < 1e-4).all()
+    assert (result.heatmap_change < 1e-4).all()
     # per-row ids: removing LEFT from row 0 only equals the model's own edit hook
     result = I.ablate_concepts(model, inputs, [[LEFT], []], output=output)
 
@@ -287,7 +291,7 @@ def test_rank_concepts_by_effect_covers_active_candidates(world):
     active = I._active_latents(output, 0)
     assert {e.latent_id for e in ranking.effects} <= active
     assert LEFT in {e.latent_id for e in ranking.effects}  # the heaviest concept is a candidate
-    keys = [(e.mask_change, e.prob_change) for e in ranking.effects]
+    keys = [(e.mask_change, e.soft_mask_change, e.mask_logit_change) for e in ranking.effects]
     assert keys == sorted(keys, reverse=True)
 
 
@@ -401,3 +405,192 @@ def test_render_and_report_show_what_they_say(world, tmp_path):
     assert "src='image_0.png'" in text and "src='image_1.png'" in text
     assert (tmp_path / "report" / "image_1.png").is_file()
     assert "a &lt;b&gt;" in text and f"<td>{LEFT}</td>" in text
+
+
+# --------------------------------------------------------------------------- ablation -> masks
+def _soft_iou_by_hand(p, q):
+    return float(torch.minimum(p, q).sum() / torch.maximum(p, q).sum())
+
+
+def test_change_measures_match_hand_computed_values():
+    """The continuous measures on a 2 x 2 grid, by hand."""
+    before = I.SegCompassOutput(
+        mask_logits=torch.tensor([[[[-1.0, 2.0], [-30.0, 0.5]]]]),
+        heatmap_logits=torch.zeros(1, 1, 2, 2),
+        conf_logits=torch.zeros(1, 1),
+    )
+    after = torch.tensor([[[[-2.0, 3.0], [-20.0, -0.5]]]])
+    valid = torch.tensor([[[True, True], [True, False]]])  # the last pixel is padding
+    moved = I._changes(before, after, torch.ones(1, 1, 2, 2), torch.zeros(1, 1), [0], valid, 0.0)
+    # binary: {(0,1)} before and after on the valid area -> IoU 1
+    assert float(moved["mask_change"]) == 0.0
+    assert float(moved["mask_logit_change"]) == pytest.approx((1 + 1 + 10) / 3)
+    p = torch.sigmoid(torch.tensor([-1.0, 2.0, -30.0], dtype=torch.float64))
+    q = torch.sigmoid(torch.tensor([-2.0, 3.0, -20.0], dtype=torch.float64))
+    assert float(moved["soft_mask_change"]) == pytest.approx(1 - _soft_iou_by_hand(p, q), rel=1e-5)
+    assert float(moved["prob_change"]) == pytest.approx(float((p - q).abs().mean()), rel=1e-5)
+    assert float(moved["heatmap_change"]) == pytest.approx(1.0)
+    # soft IoU of 0/1 maps is the binary IoU
+    a, b = torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert float(I._soft_iou(a, b, torch.ones(2, 2, dtype=torch.bool))) == pytest.approx(1 / 3)
+
+
+@pytest.fixture(scope="module")
+def mask_world(world):
+    """The known-concept world, with a mask path that goes through the concepts.
+
+    A copy of the hand-built model, changed so that the slot *is* its concept and the
+    heatmap and mask follow the slot, then trained for a few seconds:
+    * query codebook: the slot query reads the CoT word's latent (its key direction b is
+      orthogonal to the slot's own direction a, so the slot does not attend to itself), and
+      the slot carries that latent's embedding (value / output projections identity, the
+      rest of the encoder an identity). LEFT and RIGHT differ in the `side` direction;
+    * slot mapper: the `<REF_POS>` half of the fused input is switched off (LayerNorm weight
+      and bias 0, frozen), so the side can only come from the concepts;
+    * mask decoder: ~80 Adam steps on random smooth prompts, target "the prompt's positive
+      area", so that it follows its dense prompt (what SAM's mask-prompt training gives);
+    * slot mapper: ~150 Adam steps of heatmap BCE + Dice to the target square.
+    Measured (seed fixed): heatmap IoU with the target ~0.85, mask IoU ~0.8.
+    """
+    base, processor, tokenizer, batch, word_ids = world
+    model = copy.deepcopy(base)
+    config, dim, d = model.config, model.config.codebook_dim, model.config.llm_hidden_size
+    gen = torch.Generator().manual_seed(1)
+    a, b, side = torch.linalg.qr(torch.randn(dim, 3, generator=gen))[0].T
+    with torch.no_grad():
+        model.codebook.codebook[LEFT] = 3.0 * (b + side)
+        model.codebook.codebook[RIGHT] = 3.0 * (b - side)
+        model.codebook.slot_queries[0] = 3.0 * a
+        for n, layer in enumerate(model.codebook.layers):
+            attention = layer.self_attn
+            attention.in_proj_weight[:dim] = 10.0 * torch.outer(b, a)
+            attention.in_proj_weight[dim:] = torch.eye(dim).repeat(2, 1)
+            attention.in_proj_bias.zero_()
+            attention.out_proj.weight.copy_(torch.eye(dim) if n == 0 else torch.zeros(dim, dim))
+            attention.out_proj.bias.zero_()
+            layer.linear2.weight.zero_()
+            layer.linear2.bias.zero_()
+        model.slot_mapper.fuse_norm.weight[d:] = 0.0
+        model.slot_mapper.fuse_norm.bias[d:] = 0.0
+    model.slot_mapper.fuse_norm.requires_grad_(False)
+    rng = np.random.default_rng(100)
+    train = batch([scene(rng) for _ in range(48)])
+    captured = {}
+    hook = model.slot_mapper.register_forward_hook(
+        lambda m, i, o: captured.update(slots=i[0], ref=i[1], emb=i[2])
+    )
+    I._forward(model, train)
+    hook.remove()
+    slots, ref, emb = (captured[k].detach() for k in ("slots", "ref", "emb"))
+    target = train["gt_masks"].float()[:, :1]
+    model.train()
+    decoder = [
+        p
+        for m in (model.prompt_encoder.mask_embed, model.mask_decoder)
+        for p in m.parameters()
+        if p.requires_grad
+    ]
+    optimizer = torch.optim.Adam(decoder, lr=3e-3)
+    for _ in range(80):
+        pick = torch.randint(0, len(emb), (16,), generator=gen)
+        field = F.interpolate(torch.randn(16, 1, 4, 4, generator=gen), size=config.mask_size,
+                              mode="bilinear", align_corners=False)  # fmt: skip
+        field = 10.0 * field - 10.0 * torch.rand(16, 1, 1, 1, generator=gen)
+        masks, _ = model.decode_masks(field, emb[pick])
+        loss = F.binary_cross_entropy_with_logits(masks, (field > 0).float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    mapper = [p for p in model.slot_mapper.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(mapper, lr=3e-3)
+    for _ in range(150):
+        pick = torch.randint(0, len(emb), (16,), generator=gen)
+        heat = model.slot_mapper(slots[pick], ref[pick], emb[pick]).heatmap_logits
+        prob, y = torch.sigmoid(heat), target[pick]
+        dice = 1 - (2 * (prob * y).flatten(1).sum(1) + 1) / ((prob + y).flatten(1).sum(1) + 1)
+        loss = F.binary_cross_entropy_with_logits(heat, y) + dice.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model, batch
+
+
+def test_ablating_the_slots_concept_changes_its_mask_more_than_random_ones(mask_world):
+    model, batch = mask_world
+    inputs = batch([scene(np.random.default_rng(200 + i)) for i in range(8)])
+    output = I._forward(model, inputs, targets=True)
+    gt_iou = I._gt_iou(output, output.mask_logits, inputs, range(8), 0.0)[:, 0]
+    assert float(gt_iou.mean()) > 0.6  # the trained path segments the named square
+    study = I.concept_ablation_study(model, inputs, top_n=1, random_draws=4, output=output)
+    assert len(study.records) == 8
+    assert all(r.top_concepts[0] in (LEFT, RIGHT) for r in study.records)
+    # measured: top-1 mask change ~0.44 (1.0 on every "right" sample), random 0.000
+    assert study.mean_top["mask_change"] > 0.25
+    assert study.mean_random["mask_change"] < 0.02
+    assert study.mean_top["mask_change"] > 10 * study.mean_random["mask_change"] + 0.2
+    # the continuous measures order every slot the same way
+    for record in study.records:
+        for name in ("soft_mask_change", "mask_logit_change", "heatmap_change"):
+            assert record.top[name] > 3 * max(record.random[name]), (name, record)
+    assert study.fraction_top_greater == 1.0 and study.wilcoxon_p < 0.01
+    # the masks follow the heatmaps here: blanking the prompt empties them
+    assert study.prompt_dependence > 0.9
+    # a "right" sample: giving RIGHT's activations to LEFT moves the mask to the left square
+    image, instruction, _, masks = scene(np.random.default_rng(300), 1)
+    left_masks = scene(np.random.default_rng(300), 0)[3]
+    right = batch([(image, instruction, "<think> right </think> <REF_POS>", masks)])
+    swapped = I.ablate_concepts(model, right, swap={RIGHT: LEFT})
+    on_left = I._binary_iou(swapped.masks[0, 0], torch.from_numpy(left_masks[0]) > 0,
+                            torch.ones(64, 64, dtype=torch.bool))  # fmt: skip
+    assert float(on_left) > 0.6 and float(swapped.mask_change[0, 0]) > 0.9
+
+
+def test_prompt_dependence_is_zero_when_the_decoder_ignores_its_prompt(mask_world):
+    """The diagnosis of the trained tiny models: if the dense prompt is constant, no concept
+    edit can move a mask; the study says so instead of reporting a bare 0."""
+    model, batch = mask_world
+    deaf = copy.deepcopy(model)
+    with torch.no_grad():  # the dense prompt no longer depends on the heatmap
+        deaf.prompt_encoder.mask_embed.conv3.weight.zero_()
+    inputs = batch([scene(np.random.default_rng(400 + i)) for i in range(4)])
+    heard = I.mask_prompt_dependence(model, inputs)
+    ignored = I.mask_prompt_dependence(deaf, inputs)
+    assert (heard.mask_change > 0.9).all() and (heard.heatmap_change > 1).all()
+    assert (ignored.mask_change == 0).all() and (ignored.mask_logit_change < 1e-4).all()
+    study = I.concept_ablation_study(deaf, inputs, top_n=1, random_draws=2)
+    assert study.mean_top["mask_change"] == 0.0 and study.prompt_dependence == 0.0
+    # the concept still moves the heatmap (where the slot points), just not the mask
+    assert study.mean_top["heatmap_change"] > 10 * study.mean_random["heatmap_change"]
+    assert "Blanking the heatmap prompt changes the masks by 0.000" in study.to_markdown()
+    with pytest.raises(ValueError, match="blank must be"):
+        I.mask_prompt_dependence(model, inputs, blank="none")
+
+
+def test_render_ablation_shows_the_mask_moving(mask_world, tmp_path):
+    model, batch = mask_world
+    row = scene(np.random.default_rng(500), 1)  # "right": removing RIGHT moves the mask
+    inputs = batch([row])
+    output = I._forward(model, inputs)
+    active = sorted(I._active_latents(output, 0) - {LEFT, RIGHT})
+    edits = {
+        "top-1 removed": I.ablate_concepts(model, inputs, top_n=1, slot=0, output=output),
+        "1 random removed": I.ablate_concepts(model, inputs, [active[0]], output=output),
+    }
+    assert edits["top-1 removed"].concept_ids == [[RIGHT]]
+    path = I.render_ablation(output, edits, 0, 0, tmp_path / "ablation.png", image=row[0])
+    picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    bottom = picture[picture.shape[0] // 2 :]
+    width = picture.shape[1] // 3
+    # mask pixels are blended with slot 0's blue: blue - red = 0.55 * (181 - 31) ~ 82
+    blue = [
+        int(((p[..., 2] - p[..., 0]) > 50).sum()) for p in np.split(bottom[:, : 3 * width], 3, 1)
+    ]
+    unedited, top, random = blue
+    assert unedited > 500 and abs(random - unedited) < 0.1 * unedited
+    expected = [
+        int((m > 0).sum())
+        for m in (output.mask_logits[0, 0], edits["top-1 removed"].mask_logits[0, 0])
+    ]
+    assert (top > unedited) == (expected[1] > expected[0])  # drawn as computed
+    assert float(edits["top-1 removed"].mask_change[0, 0]) > 0.9
