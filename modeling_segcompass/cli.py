@@ -1074,7 +1074,7 @@ def build_parser() -> argparse.ArgumentParser:
         [_common(model=False, progress=False)],
     )
     demo.add_argument("--output-dir", default="demo_output", help="folder for every artefact")
-    demo.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget in minutes")
+    demo.add_argument("--minutes", type=float, default=14.0, help="wall-clock budget in minutes")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data, model and training")
     demo.add_argument(
         "--quick", action="store_true", help="reduced-size smoke run (tiny data, a few steps)"

@@ -119,10 +119,52 @@ def _time_limit_callback(deadline: float) -> Any:
     return StopAtDeadline()
 
 
+def _time_schedule_callback(
+    start: float, deadline: float, warmup_steps: int, min_ratio: float = 0.1
+) -> Any:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `min_ratio` over the wall-clock
+    time left until `deadline`, applied to every parameter group's learning rate.
+
+    A step-based schedule needs the step count up front; measured from a probe step, it is
+    wrong whenever the machine's load changes during training (a run planned on a busy
+    machine ended its schedule, and stopped, at a fifth of its budget). Scheduling on time
+    spends the whole budget at whatever speed the machine gives. Use it with a constant
+    scheduler and a large `max_steps`, and the deadline callback to stop.
+    """
+    import math
+
+    from transformers import TrainerCallback
+
+    class TimeCosineSchedule(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
+            self.base = [group["lr"] for group in optimizer.param_groups]
+            self.cosine_start = None
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
+            now = time.time()
+            if state.global_step < warmup_steps:
+                factor = (state.global_step + 1) / warmup_steps
+            else:
+                if self.cosine_start is None:
+                    self.cosine_start = now
+                span = max(deadline - self.cosine_start, 1e-6)
+                done = min(max((now - self.cosine_start) / span, 0.0), 1.0)
+                factor = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+            for group, base in zip(optimizer.param_groups, self.base):
+                group["lr"] = base * factor
+            self.factor = factor
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs is not None and "learning_rate" in logs:
+                logs["learning_rate"] = self.base[0] * getattr(self, "factor", 1.0)
+
+    return TimeCosineSchedule()
+
+
 def run_demo(
     output_dir: str | Path,
     *,
-    minutes: float = 12.0,
+    minutes: float = 14.0,
     seed: int = 0,
     quick: bool = False,
     threads: int | None = None,
@@ -216,29 +258,20 @@ def run_demo(
     }
     stage("sae_pretraining")
 
-    # 4. supervised warm-up (plain Trainer underneath), step count from a measured step time
+    # 4. supervised warm-up (plain Trainer underneath), learning rate scheduled on wall time
     from .sft import ModuleLearningRates, sft_training_arguments, train_sft
 
     batch_size = 8 if quick else 32
     model.train()
-    probe = collator(train[:batch_size])
-    for timed in (False, True):  # one warm-up step, then two timed ones
-        t0 = time.time()
-        for _ in range(1 if not timed else 2):
-            model(**probe).loss.backward()
-    model.zero_grad(set_to_none=True)
-    step_time = (time.time() - t0) / 2 + 0.05  # + optimizer and collation
-    sft_budget = 0.62 * budget - (time.time() - start)
-    sft_steps = 3 if quick else max(20, int(sft_budget / step_time))
+    sft_deadline = start + 0.66 * budget
+    sft_steps = 3 if quick else 1_000_000  # the deadline stops it; the schedule runs on time
     args = sft_training_arguments(
         str(out / "sft"),
         max_steps=sft_steps,
         per_device_train_batch_size=batch_size,
         learning_rate=3e-3,
         weight_decay=0.01,
-        warmup_steps=min(100, sft_steps // 10),
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        lr_scheduler_type="constant",
         max_grad_norm=1.0,
         save_strategy="no",
         logging_steps=50,
@@ -251,7 +284,10 @@ def run_demo(
         processor=processor,
         args=args,
         module_learning_rates=ModuleLearningRates.uniform(),
-        callbacks=[_time_limit_callback(start + 0.66 * budget)],
+        callbacks=[
+            _time_schedule_callback(time.time(), sft_deadline, warmup_steps=1 if quick else 100),
+            _time_limit_callback(sft_deadline),
+        ],
     )
     summary.sft_steps = int(sft.trainer.state.global_step)
     (out / "sft_log.json").write_text(json.dumps(sft.trainer.state.log_history, indent=1))

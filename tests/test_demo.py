@@ -30,3 +30,36 @@ def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path):
     assert (hub / "model.safetensors").exists() and (hub / "README.md").exists()
     assert (hub / "concept_labels.json").exists()
     assert "SegCompass demo finished" in summary.to_text()
+
+
+def test_time_schedule_warms_up_by_steps_then_decays_on_wall_time(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    import modeling_segcompass.demo as demo
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(demo.time, "time", lambda: clock["now"])
+    weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": [weights[0]], "lr": 1.0},
+                                 {"params": [weights[1]], "lr": 0.5}])  # fmt: skip
+    callback = demo._time_schedule_callback(start=100.0, deadline=200.0, warmup_steps=4)
+    state = SimpleNamespace(global_step=0)
+    callback.on_train_begin(None, state, None, optimizer=optimizer)
+
+    def lrs_at(step, now):
+        state.global_step, clock["now"] = step, now
+        callback.on_step_begin(None, state, None, optimizer=optimizer)
+        return [group["lr"] for group in optimizer.param_groups]
+
+    assert lrs_at(0, 100.0) == [0.25, 0.125]  # warm-up: (step + 1) / 4, per group
+    assert lrs_at(3, 110.0) == [1.0, 0.5]
+    # the cosine starts at the first post-warm-up step (t = 120) and ends at the deadline
+    assert lrs_at(4, 120.0) == [1.0, 0.5]
+    assert lrs_at(5, 160.0) == [0.55, 0.275]  # half way: 0.1 + 0.9 * 0.5
+    assert lrs_at(6, 200.0) == [0.1, 0.05]
+    assert lrs_at(7, 500.0) == [0.1, 0.05]  # past the deadline: the floor
+    logs = {"learning_rate": 123.0}
+    callback.on_log(None, state, None, logs=logs)
+    assert logs["learning_rate"] == 0.1
