@@ -1,6 +1,10 @@
 """Why this mask? Train a tiny SegCompass briefly, then trace, ablate and report its concepts.
 
     python examples/explain_example.py --steps 300 --out explain_out
+    python examples/explain_example.py --model demo_output/hub_model --out explain_demo
+
+With `--model`, a trained model folder (e.g. the demo's Hub-ready folder) is explained
+instead of training one.
 
 Steps: build the synthetic world and its tokenizer, train the tiny model with its own
 loss (LM + segmentation) for `--steps` AdamW steps, scan concept labels over training
@@ -42,15 +46,28 @@ def main() -> None:
     parser.add_argument("--num-eval", type=int, default=48)
     parser.add_argument("--out", type=Path, default=Path("explain_out"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model", type=Path, default=None,
+        help="explain this trained model folder (config + weights + processor) instead of "
+        "training one; the synthetic world must be the one it was trained on (--seed)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
 
     world = SyntheticWorldConfig(seed=args.seed)
-    tokenizer = build_tiny_tokenizer(list(iter_texts(world, 2000)), vocab_size=1024)
-    processor = SegCompassProcessor.tiny(tokenizer, num_slots=world.num_slots)
-    config = SegCompassConfig.tiny(vocab_size=len(tokenizer), num_slots=world.num_slots)
-    model = SegCompassForReasoningSegmentation(config)
+    if args.model is not None:
+        from modeling_segcompass.cli import load_model
+
+        loaded = load_model(str(args.model), device="cpu")
+        model, processor = loaded.model, loaded.processor
+        tokenizer = processor.tokenizer
+        args.steps = 0
+    else:
+        tokenizer = build_tiny_tokenizer(list(iter_texts(world, 2000)), vocab_size=1024)
+        processor = SegCompassProcessor.tiny(tokenizer, num_slots=world.num_slots)
+        config = SegCompassConfig.tiny(vocab_size=len(tokenizer), num_slots=world.num_slots)
+        model = SegCompassForReasoningSegmentation(config)
     collator = SegCompassCollator(processor)
 
     # ---- a short supervised run (the model's own loss: LM + segmentation + confidence)

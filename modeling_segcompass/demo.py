@@ -119,6 +119,33 @@ def _time_limit_callback(deadline: float) -> Any:
     return StopAtDeadline()
 
 
+def _time_progress_callback(deadline: float, description: str, disable: bool = False) -> Any:
+    """A progress bar over the wall-clock budget of a stage (its step count is not known in
+    advance when training runs until a deadline), with the latest loss."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class TimeProgress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.start = time.time()
+            total = max(int(round(deadline - self.start)), 1)
+            self.bar = tqdm(total=total, desc=description, unit="s", disable=disable)
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            done = min(int(time.time() - self.start), self.bar.total)
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(step=state.global_step, refresh=False)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "loss" in logs:
+                self.bar.set_postfix(step=state.global_step, loss=f"{logs['loss']:.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.bar.close()
+
+    return TimeProgress()
+
+
 def _time_schedule_callback(
     start: float, deadline: float, warmup_steps: int, min_ratio: float = 0.1
 ) -> Any:
@@ -276,7 +303,8 @@ def run_demo(
         save_strategy="no",
         logging_steps=50,
         seed=seed,
-        disable_tqdm=quick,
+        disable_tqdm=True,  # the step count is open-ended: a bar over the time budget instead
+        log_level="warning",
     )
     sft = train_sft(
         model,
@@ -287,6 +315,7 @@ def run_demo(
         callbacks=[
             _time_schedule_callback(time.time(), sft_deadline, warmup_steps=1 if quick else 100),
             _time_limit_callback(sft_deadline),
+            _time_progress_callback(sft_deadline, "supervised warm-up", disable=quick),
         ],
     )
     summary.sft_steps = int(sft.trainer.state.global_step)
