@@ -337,7 +337,10 @@ class SegCompassConfig(PreTrainedConfig):
                 "hidden_size": 32,
                 "image_size": image_size,
                 "patch_size": 4,
-                "mask_input_channels": 8,
+                # SAM's own value. With 8, the mask embedding's first LayerNorm normalises
+                # over 2 channels, where it can only output (+-1, -+1): the heatmap prompt
+                # became a 0/1 map and the trained decoder ignored it (docs/interpretability.md)
+                "mask_input_channels": 16,
                 "image_embedding_size": embed,
             },
             "mask_decoder_config": {
