@@ -1080,8 +1080,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="reduced-size smoke run (tiny data, a few steps)"
     )
     demo.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: all cores)"
-    )
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: the tiny model's ops are too small to gain from more, "
+        "and a second thread competing for a busy core made steps 7-14x slower)",
+    )  # fmt: skip
     demo.set_defaults(handler=cmd_demo)
 
     # ---- train-sae
