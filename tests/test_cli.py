@@ -68,7 +68,7 @@ def test_help_shows_defaults_and_the_demo_options(capsys):
     assert code == 0
     for option in ("--output-dir", "--minutes", "--seed", "--quick", "--threads"):
         assert option in out
-    assert "(default: 12.0)" in out and "(default: demo_output)" in out
+    assert "(default: 14.0)" in out and "(default: demo_output)" in out
     code, out, _ = run(capsys, "--help")
     assert code == 0 and all(c in out for c in COMMANDS)
 
