@@ -61,6 +61,10 @@ def world():
 
     torch.manual_seed(0)
     config = SegCompassConfig.tiny(vocab_size=len(tokenizer), num_slots=1)
+    # The hand wiring below was measured on the random init of the former tiny preset
+    # (prompt encoder with 8 mask channels); keep it, so the init and the margins asserted
+    # below are the ones measured. The mask-level tests train their own mask path.
+    config.sam_config.prompt_encoder_config.mask_input_channels = 8
     model = SegCompassForReasoningSegmentation(config).eval()
     rng = np.random.default_rng(0)
     reference = batch([scene(rng, t % 2) for t in range(8)])
