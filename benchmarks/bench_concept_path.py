@@ -4,7 +4,7 @@ Concept path = SAE on the hidden states of every token -> query codebook -> K sl
 at d_in 3584 (Qwen2.5-VL-7B), d_sae 65536, L 1024 tokens, K 4, d_q 512, 2 encoder layers.
 
 - this package: `SparseAutoencoder.encode` (sparse codes, the dense pre-activation only per
-  512-row chunk) + `QueryCodebook` with the embedding-bag projection;
+  512-row chunk, selected in place) + `QueryCodebook` with the embedding-bag projection;
 - reference: dense codes of every token, the dense decode (discarded), |a| < threshold
   zeroed on the dense (L, d_sae) matrix, dense (L, d_sae) @ (d_sae, d_q), same encoder.
 

@@ -183,9 +183,13 @@ def build(
 
 
 def one_pass_step(model: SegCompassForReasoningSegmentation, inputs: dict):
-    """This package: forward (one VLM pass, hook at sae_layer) + backward."""
+    """This package: forward (one VLM pass, hook at sae_layer) + backward.
+
+    `compute_logits` is left at its default: with labels, only the labelled positions go
+    through the LM head (the loss is the same; the full (B, L, V) logits are not returned).
+    """
     model.zero_grad(set_to_none=True)
-    out = model(**inputs, compute_logits=True)
+    out = model(**inputs)
     out.loss.backward()
     return out
 

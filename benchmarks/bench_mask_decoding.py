@@ -11,6 +11,7 @@ reference calls it once per image with that image's K prompts (upstream
 Forward (no_grad: inference and rollout scoring) and forward + backward (training).
 
     python benchmarks/bench_mask_decoding.py [--batch 8 --slots 4 --sizes tiny sam]
+        [--images-per-call 1 2 4]   # also time max_images_per_decoder_call = 1, 2, 4
 """
 
 from __future__ import annotations
@@ -91,14 +92,26 @@ def check_agreement(
     ]
 
 
-def _variants(model, heatmaps, embeddings, train: bool) -> dict[str, Callable[[], object]]:
-    def batched():
-        if not train:
-            with torch.no_grad():
-                return model.decode_masks(heatmaps, embeddings)
-        model.zero_grad(set_to_none=True)
-        masks, iou = model.decode_masks(heatmaps, embeddings)
-        (masks.mean() + iou.mean()).backward()
+def _label(images_per_call: int | None) -> str:
+    return "batched" if images_per_call is None else f"batched_{images_per_call}"
+
+
+def _variants(
+    model, heatmaps, embeddings, train: bool, chunks: list[int | None]
+) -> dict[str, Callable[[], object]]:
+    """`decode_masks` with each `max_images_per_decoder_call` in `chunks`, and the loop."""
+
+    def batched(images_per_call: int | None):
+        def run():
+            model.config.max_images_per_decoder_call = images_per_call
+            if not train:
+                with torch.no_grad():
+                    return model.decode_masks(heatmaps, embeddings)
+            model.zero_grad(set_to_none=True)
+            masks, iou = model.decode_masks(heatmaps, embeddings)
+            (masks.mean() + iou.mean()).backward()
+
+        return run
 
     def looped():
         if not train:
@@ -108,34 +121,61 @@ def _variants(model, heatmaps, embeddings, train: bool) -> dict[str, Callable[[]
         masks, iou = reference_decode_masks(model, heatmaps, embeddings)
         (masks.mean() + iou.mean()).backward()
 
-    return {"batched": batched, "per_image_loop": looped}
+    variants = {_label(c): batched(c) for c in chunks}
+    variants["per_image_loop"] = looped
+    return variants
 
 
 def run_size(
-    size: str, batch: int, num_slots: int, device: torch.device, repeats: int
+    size: str,
+    batch: int,
+    num_slots: int,
+    device: torch.device,
+    repeats: int,
+    chunks: list[int | None] | None = None,
 ) -> dict[str, float]:
+    """Time `decode_masks` (all images in one call, and each chunk size) against the loop.
+
+    Returns ``{"<phase> <variant>": loop / variant, "<phase> <variant> cpu": ...}`` with phase
+    "forward" or "fwd+bwd" and variant "batched" (one call) or "batched_<n>".
+    """
     model, heatmaps, embeddings = build(size, batch, num_slots, device)
     cfg = model.config
+    chunks = [None] if chunks is None else chunks
     print(
         f"-- size {size}: C {cfg.image_embedding_channels}, E {cfg.image_embedding_size}, "
-        f"masks {cfg.mask_size}, B {batch} x K {num_slots}"
+        f"masks {cfg.mask_size}, B {batch} x K {num_slots}; images per decoder call: "
+        f"{[batch if c is None else c for c in chunks]}"
     )
     require_agreement(check_agreement(model, heatmaps, embeddings))
+    for c in chunks:
+        if c is not None:
+            model.config.max_images_per_decoder_call = c
+            agreements = check_agreement(model, heatmaps, embeddings)
+            for a in agreements:
+                a.name = f"{a.name} ({c} images per call)"
+            require_agreement(agreements)
     results = {}
     for phase, train in (("forward", False), ("fwd+bwd", True)):
-        variants = _variants(model, heatmaps, embeddings, train)
+        variants = _variants(model, heatmaps, embeddings, train, chunks)
         memory = {name: peak_memory_bytes(fn, device) for name, fn in variants.items()}
         # a SAM-size round takes seconds on a CPU: fewer repeats keep the run near 2-3 minutes
         rounds = repeats if size == "tiny" or device.type == "cuda" else min(repeats, 3)
         timings = interleaved_timing(variants, repeats=rounds, warmup=1, device=device)
-        for line in timing_lines(timings) + [ratio_line(timings, "per_image_loop", "batched")]:
+        lines = timing_lines(timings)
+        lines += [ratio_line(timings, "per_image_loop", _label(c)) for c in chunks]
+        for line in lines:
             print(f"{phase} {line}")
         print(
-            f"{phase} peak memory: batched {memory['batched'] / MIB:.0f} MiB, per_image_loop "
-            f"{memory['per_image_loop'] / MIB:.0f} MiB"
+            f"{phase} peak memory: "
+            + ", ".join(f"{name} {value / MIB:.0f} MiB" for name, value in memory.items())
         )
-        results[phase] = timings.paired_ratio("per_image_loop", "batched")
-        results[f"{phase} cpu"] = timings.paired_ratio("per_image_loop", "batched", cpu=True)
+        for c in chunks:
+            name = _label(c)
+            results[f"{phase} {name}"] = timings.paired_ratio("per_image_loop", name)
+            results[f"{phase} {name} cpu"] = timings.paired_ratio("per_image_loop", name, cpu=True)
+            results[f"{phase} {name} memory"] = memory[name] / memory["per_image_loop"]
+    model.config.max_images_per_decoder_call = None
     return results
 
 
@@ -147,6 +187,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
+    parser.add_argument(
+        "--images-per-call",
+        nargs="+",
+        type=int,
+        default=[],
+        help="also time decode_masks with max_images_per_decoder_call = each of these",
+    )
     return parser.parse_args(argv)
 
 
@@ -155,16 +202,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     device = setup(args.threads, args.device)
     print("== benchmark 3: mask decoding, batched over B*K vs per-image loop ==")
     print(machine_summary(device))
+    chunks: list[int | None] = [None, *args.images_per_call]
     results = {
-        size: run_size(size, args.batch, args.slots, device, args.repeats) for size in args.sizes
+        size: run_size(size, args.batch, args.slots, device, args.repeats, chunks)
+        for size in args.sizes
     }
     for size, r in results.items():
         for phase in ("forward", "fwd+bwd"):
-            speedup, cpu = r[phase], r[f"{phase} cpu"]
-            print(
-                f"RESULT mask decoding[{size}, {phase}] speedup loop/batched = {speedup:.2f}x "
-                f"(cpu time {cpu:.2f}x) {verdict(speedup, TARGET_SPEEDUP, higher_is_better=True)}"
-            )
+            for c in chunks:
+                name = _label(c)
+                speedup, cpu, mem = (
+                    r[f"{phase} {name}"],
+                    r[f"{phase} {name} cpu"],
+                    r[f"{phase} {name} memory"],
+                )
+                per_call = "all" if c is None else c
+                print(
+                    f"RESULT mask decoding[{size}, {phase}, {per_call} images/call] speedup "
+                    f"loop/batched = {speedup:.2f}x (cpu time {cpu:.2f}x), memory batched/loop "
+                    f"{mem:.2f} {verdict(speedup, TARGET_SPEEDUP, higher_is_better=True)}"
+                )
     return results
 
 

@@ -88,7 +88,12 @@ def reference_sae(sae: SparseAutoencoder, hidden_states: torch.Tensor) -> Refere
             "reference_sae: the reference SAE has no `max_active` cap; build the SAE with "
             f"max_active=None (got {sae.max_active})."
         )
-    pre = sae.pre_activations(hidden_states)  # (..., d_sae), the whole matrix at once
+    # SAELens `encode`: `sae_in @ W_enc + b_enc` out of place, the whole (..., d_sae) at once
+    # (not `sae.pre_activations`, which adds the bias in place to save that second buffer).
+    sae_in = hidden_states.to(sae.W_enc.dtype)
+    if sae.apply_b_dec_to_input:
+        sae_in = sae_in - sae.b_dec
+    pre = sae_in @ sae.W_enc + sae.b_enc  # (..., d_sae)
     if sae.architecture == "topk":
         top = pre.topk(sae.k, dim=-1)
         codes = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
@@ -282,6 +287,7 @@ def reference_loss(
         focal_gamma=cfg.focal_gamma,
         iou_predictions=output.iou_scores,
         iou_loss_weight=cfg.iou_loss_weight,
+        order_prior=cfg.slot_order_prior,  # the package's matching cost (tiny presets: 1.0)
     )
     lm = model._lm_loss(output.logits, labels)
     return (

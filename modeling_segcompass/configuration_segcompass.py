@@ -75,6 +75,12 @@ class SegCompassConfig(PreTrainedConfig):
         slot_confidence_threshold (`float`):
             A slot holds an object when its confidence *logit* is >= this (the reference's 0.5).
         mask_threshold (`float`): mask logits above this are foreground (0.0, the field convention).
+        max_images_per_decoder_call (`int` or None):
+            `decode_masks` runs SAM's prompt encoder + mask decoder on the K prompts of at most
+            this many images per call (None: all B images in one call). Same numbers either
+            way; it trades per-call overhead (small decoders, GPUs: larger is faster) against
+            the size of the B*K copies of the image embedding (SAM's 256 x 64 x 64 on a CPU:
+            small is faster and bounds memory). See docs/performance.md, benchmark 3.
         sparse_codebook (`bool`):
             Project codes with an embedding-bag over active latents (fast). False uses the
             dense (L x d_sae) product of the reference; both give the same numbers.
@@ -130,6 +136,7 @@ class SegCompassConfig(PreTrainedConfig):
     # inference
     slot_confidence_threshold: float = 0.5
     mask_threshold: float = 0.0
+    max_images_per_decoder_call: int | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 
@@ -180,6 +187,11 @@ class SegCompassConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "a positive integer", value)
+        chunk = self.max_images_per_decoder_call
+        if chunk is not None and (
+            not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
+        ):
+            fail("max_images_per_decoder_call", "a positive integer or None", chunk)
         for name in ("sae_k", "sae_layer", "ref_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -50,7 +50,10 @@ class SegCompassOutput(ModelOutput):
         seg_loss: () heatmap BCE + Dice, mask Dice + focal, IoU-head MSE on matched slots.
         conf_loss: () per-slot confidence BCE (targets from Hungarian matching).
         sae_loss: () SAE reconstruction MSE normalised by the input variance (joint training).
-        logits: (B, L, V) language-model logits (None when `compute_logits=False`).
+        logits: (B, L, V) language-model logits at every position. None when
+            `compute_logits=False`, and by default (`compute_logits=None`) when `labels` are
+            given: the LM loss then projects only the labelled positions through the LM head
+            (pass `compute_logits=True` to also get the full logits).
         heatmap_logits: (B, K, M, M) where each slot points.
         conf_logits: (B, K) does each slot hold an object (kept when >= slot_confidence_threshold).
         mask_logits: (B, K, M, M) SAM mask-decoder logits per slot (foreground > 0).
@@ -380,7 +383,11 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
     def decode_masks(
         self, heatmap_logits: torch.Tensor, image_embeddings: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heatmaps as dense prompts through SAM's prompt encoder + mask decoder, batched over B*K.
+        """Heatmaps as dense prompts through SAM's prompt encoder + mask decoder, batched.
+
+        Each call of the prompt encoder + mask decoder takes the K prompts of at most
+        `config.max_images_per_decoder_call` images (all B when None), so B*K prompts run in
+        ceil(B / that) calls; the numbers do not depend on it (up to float32 summation order).
 
         Args:
             heatmap_logits: (B, K, M, M).
@@ -388,14 +395,35 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         Returns:
             mask logits (B, K, M, M) and predicted IoU (B, K).
         """
+        batch = heatmap_logits.shape[0]
+        step = self.config.max_images_per_decoder_call or batch
+        if step >= batch:
+            return self._decode_mask_group(heatmap_logits, image_embeddings)
+        parts = [
+            self._decode_mask_group(heatmap_logits[i : i + step], image_embeddings[i : i + step])
+            for i in range(0, batch, step)
+        ]
+        return torch.cat([m for m, _ in parts]), torch.cat([u for _, u in parts])
+
+    def _decode_mask_group(
+        self, heatmap_logits: torch.Tensor, image_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt-encoder + mask-decoder call on the b*K prompts of b images.
+
+        Args:
+            heatmap_logits: (b, K, M, M).
+            image_embeddings: (b, C, E, E).
+        Returns:
+            mask logits (b, K, M, M) and predicted IoU (b, K).
+        """
         batch, num_slots, size, _ = heatmap_logits.shape
         _, dense = self.prompt_encoder(
             input_points=None,
             input_labels=None,
             input_boxes=None,
             input_masks=heatmap_logits.reshape(batch * num_slots, 1, size, size),
-        )  # dense: (B*K, C, E, E)
-        per_slot_images = image_embeddings.repeat_interleave(num_slots, dim=0)  # (B*K, C, E, E)
+        )  # dense: (b*K, C, E, E)
+        per_slot_images = image_embeddings.repeat_interleave(num_slots, dim=0)  # (b*K, C, E, E)
         positional = self.image_positional_embeddings().to(per_slot_images.dtype)
         positional = positional.expand(batch * num_slots, -1, -1, -1)
         masks, iou = self.mask_decoder(
@@ -404,7 +432,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             sparse_prompt_embeddings=None,
             dense_prompt_embeddings=dense,
             multimask_output=False,
-        )  # masks: (B*K, 1, 1, M, M), iou: (B*K, 1, 1)
+        )  # masks: (b*K, 1, 1, M, M), iou: (b*K, 1, 1)
         return (
             masks.reshape(batch, num_slots, masks.shape[-2], masks.shape[-1]),
             iou.reshape(batch, num_slots),
@@ -572,7 +600,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         gt_masks: torch.Tensor | None = None,
         num_objects: torch.LongTensor | None = None,
         valid_mask: torch.Tensor | None = None,
-        compute_logits: bool = True,
+        compute_logits: bool | None = None,
         sparse_codebook: bool | None = None,
         edit_concepts: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         | None = None,
@@ -590,7 +618,9 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             gt_masks (B, G, M, M): ground-truth masks on the mask grid.
             num_objects (B,): real masks per sample (0 = no target); default: the non-empty ones.
             valid_mask (B, M, M): True on the unpadded image area (losses ignore the rest).
-            compute_logits: also return the LM logits (B, L, V).
+            compute_logits: return the full LM logits (B, L, V): True always, False never,
+                None (default) only without `labels` (with labels only the labelled positions
+                are projected, for the LM loss: the saving of a training step).
             sparse_codebook: override `config.sparse_codebook` for this call.
             edit_concepts: `f(indices, values) -> (indices, values)` applied to the sparse codes
                 (B, L, n) before the codebook, everything else unchanged: the hook for causal
@@ -638,7 +668,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             handle.remove()
         sae_input = self._sae_capture.pop("hidden")  # (B, L, d)
         last_hidden = base_out.last_hidden_state  # (B, L, d)
-        logits = self.vlm.lm_head(last_hidden) if (compute_logits or labels is not None) else None
+        full_logits = labels is None if compute_logits is None else bool(compute_logits)
+        logits = self.vlm.lm_head(last_hidden) if full_logits else None  # (B, L, V)
 
         # 2. <REF_POS> states (last K per row, zeros where fewer).
         ref_states, ref_mask = gather_ref_hidden_states(
@@ -664,7 +695,11 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         # 7. Losses.
         losses: dict[str, torch.Tensor] = {}
         if labels is not None:
-            losses["lm"] = self._lm_loss(logits, labels)
+            losses["lm"] = (
+                self._lm_loss(logits, labels)
+                if logits is not None
+                else self._labelled_lm_loss(last_hidden, labels)
+            )
         if cfg.sae_reconstruction_weight > 0 and (labels is not None or gt_masks is not None):
             losses["sae"] = self._sae_loss(sae_input, token_mask)
         slot_to_target = None
@@ -709,7 +744,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             seg_loss=losses.get("seg"),
             conf_loss=losses.get("conf"),
             sae_loss=losses.get("sae"),
-            logits=logits if compute_logits else None,
+            logits=logits,
             heatmap_logits=mapped.heatmap_logits,
             conf_logits=mapped.conf_logits,
             mask_logits=mask_logits,
@@ -737,6 +772,23 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             shift_labels.reshape(-1),
             ignore_index=-100,
         )
+
+    def _labelled_lm_loss(self, last_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`_lm_loss` from the hidden states, projecting only positions that predict a label.
+
+        Args:
+            last_hidden: (B, L, d) last-layer states.
+            labels: (B, L) next-token targets, -100 where there is none.
+        Returns:
+            () the same mean cross-entropy as `_lm_loss(lm_head(last_hidden), labels)`, from
+            (N, V) logits of the N labelled positions instead of (B, L, V).
+        """
+        shift_labels = labels[:, 1:].to(last_hidden.device)  # (B, L-1)
+        keep = shift_labels != -100
+        if not keep.any():  # keep the LM head in the graph, as `_lm_loss` does
+            return self.vlm.lm_head(last_hidden[:, :1]).float().sum() * 0.0
+        logits = self.vlm.lm_head(last_hidden[:, :-1][keep]).float()  # (N, V)
+        return F.cross_entropy(logits, shift_labels[keep])
 
     def _sae_loss(self, sae_input: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Reconstruction MSE / variance of the (detached) SAE input over real tokens.

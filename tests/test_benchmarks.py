@@ -12,6 +12,7 @@ import torch
 from benchmarks import (
     bench_concept_path,
     bench_forward_backward,
+    bench_grpo_step,
     bench_inference,
     bench_mask_decoding,
     reference_path,
@@ -224,6 +225,32 @@ def test_mask_decoding_paths_agree_at_tiny_and_sam_sizes():
     assert model.config.mask_size == 256 and model.config.image_embedding_channels == 256
 
 
+def test_decode_masks_in_chunks_of_images_gives_the_same_masks():
+    """`max_images_per_decoder_call` splits B images into calls; the numbers do not change."""
+    for size, batch, slots in (("tiny", 5, 3), ("sam", 3, 2)):
+        model, heatmaps, embeddings = bench_mask_decoding.build(size, batch, slots, CPU)
+        calls = []
+        handle = model.mask_decoder.register_forward_hook(
+            lambda m, args, kwargs, out, calls=calls: calls.append(
+                kwargs["image_embeddings"].shape[0]
+            ),
+            with_kwargs=True,
+        )
+        try:
+            with torch.no_grad():
+                model.config.max_images_per_decoder_call = None
+                whole = model.decode_masks(heatmaps, embeddings)
+                model.config.max_images_per_decoder_call = 2
+                chunked = model.decode_masks(heatmaps, embeddings)
+        finally:
+            handle.remove()
+        # one call of B*K prompts, then ceil(B / 2) calls of at most 2*K
+        assert calls == [batch * slots] + [2 * slots] * (batch // 2) + [slots] * (batch % 2)
+        for a, b in zip(chunked, whole, strict=True):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_mask_decoding_check_catches_a_loop_that_pairs_prompts_with_other_images(monkeypatch):
     original = reference_path.reference_decode_masks
     monkeypatch.setattr(
@@ -234,6 +261,47 @@ def test_mask_decoding_check_catches_a_loop_that_pairs_prompts_with_other_images
     model, heatmaps, embeddings = bench_mask_decoding.build("tiny", 3, 2, CPU)
     agreements = bench_mask_decoding.check_agreement(model, heatmaps, embeddings)
     assert not next(a for a in agreements if a.name == "mask_logits").ok
+
+
+# --------------------------------------------------------------------------- benchmark 4
+def test_grpo_steps_agree_with_zero_mask_weights_and_differ_by_the_mask_loss(tmp_path):
+    setup = bench_grpo_step.build("tiny", CPU, batch=4, completion_len=20, output_dir=str(tmp_path))
+    assert (setup.batch["completion_mask"] == 0).any()  # rows of different lengths
+    agreements = bench_grpo_step.check_agreement(setup)
+    assert {a.name for a in agreements} == {
+        "loss (mask weights 0)",
+        "grad[vlm] (mask weights 0)",
+        "grad[mask path] (weight 0)",
+    }
+    assert all(a.ok for a in agreements), [a.line() for a in agreements if not a.ok]
+    assert next(a for a in agreements if a.name.startswith("grad[vlm]")).reference_max_abs > 0
+    # the weights are restored: the timed step carries the mask loss, the other does not
+    assert setup.trainer.args.seg_loss_weight == 1.0
+    with_mask = bench_grpo_step.step(setup, bench_grpo_step.with_mask_loss)
+    mask_grads = bench_grpo_step._grads(setup.model)
+    policy = bench_grpo_step.step(setup, bench_grpo_step.policy_only_loss)
+    policy_grads = bench_grpo_step._grads(setup.model)
+    assert (
+        float(with_mask - policy) > 0.1
+    )  # seg + 0.2 conf + sae weight x sae of an untrained model
+    assert any(n.startswith("mask_decoder.") for n in mask_grads)
+    assert not any(n.startswith(("mask_decoder.", "sae.", "codebook.")) for n in policy_grads)
+
+
+def test_grpo_check_catches_a_policy_step_with_other_advantages(tmp_path, monkeypatch):
+    original = bench_grpo_step.policy_only_loss
+
+    def flipped(setup):
+        setup.batch["advantages"] = -setup.batch["advantages"]
+        try:
+            return original(setup)
+        finally:
+            setup.batch["advantages"] = -setup.batch["advantages"]
+
+    monkeypatch.setattr(bench_grpo_step, "policy_only_loss", flipped)
+    setup = bench_grpo_step.build("tiny", CPU, batch=4, completion_len=20, output_dir=str(tmp_path))
+    failed = {a.name for a in bench_grpo_step.check_agreement(setup) if not a.ok}
+    assert {"loss (mask weights 0)", "grad[vlm] (mask weights 0)"} <= failed
 
 
 # --------------------------------------------------------------------------- benchmark 5

@@ -39,6 +39,9 @@ def test_round_trip_through_json(tmp_path):
     loaded = SegCompassConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert loaded.vlm_config.vision_config.patch_size == 8
+    chunked = SegCompassConfig.tiny(max_images_per_decoder_call=3)
+    chunked.save_pretrained(tmp_path / "chunked")
+    assert SegCompassConfig.from_pretrained(tmp_path / "chunked").max_images_per_decoder_call == 3
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,8 @@ def test_round_trip_through_json(tmp_path):
         ({"ref_token_id": 5000}, "ref_token_id"),
         ({"conf_loss_weight": -1.0}, "conf_loss_weight"),
         ({"activation_threshold": -0.5}, "activation_threshold"),
+        ({"max_images_per_decoder_call": 0}, "max_images_per_decoder_call"),
+        ({"max_images_per_decoder_call": 2.5}, "max_images_per_decoder_call"),
     ],
 )
 def test_validation_names_field_allowed_and_given(overrides, field):

@@ -531,3 +531,99 @@ def test_data_on_decoder_directions_is_reconstructed_exactly_by_a_tied_topk1_sae
     assert out.fvu.item() < 1e-6
     assert math.isclose(l0(out.codes).item(), 1.0)
     assert torch.equal(out.codes.indices[:, 0], which)
+
+
+# ----------------------------------------------------------------------------- no-grad encode
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("threshold", [0.0, 0.4])
+def test_no_grad_encode_gives_the_numbers_of_the_autograd_path(arch, threshold):
+    """The in-place selection (no grad) and the autograd path pick the same codes, bit for bit."""
+    sae = build_tiny_sae(architecture=arch, activation_threshold=threshold, chunk_size=4)
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        fast = sae.encode(x)
+    tracked = sae.encode(x)  # parameters require grad: the graph path
+    assert tracked.values.requires_grad and not fast.values.requires_grad
+    assert torch.equal(fast.indices, tracked.indices)
+    assert torch.equal(fast.values, tracked.values.detach())
+    reference = dense_reference(sae, x).detach()  # unchunked GEMM: a few ulps apart
+    assert torch.allclose(scatter_codes(fast, sae.d_sae), reference, atol=1e-6)
+
+
+def test_activation_threshold_keeps_a_value_exactly_at_the_threshold():
+    # |a| < t is dropped, |a| == t kept, on both paths (as upstream's masked_fill(|a| < t, 0))
+    sae = SparseAutoencoder(
+        d_in=4, d_sae=4, architecture="relu", apply_b_dec_to_input=False, activation_threshold=0.5
+    )
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.b_enc.zero_()
+    x = torch.tensor([[0.5, 0.49999997, 0.75, -0.5]])
+    with torch.no_grad():
+        fast = sae.encode(x)
+    tracked = sae.encode(x)
+    expected = torch.tensor([[0.5, 0.0, 0.75, 0.0]])
+    assert torch.equal(scatter_codes(fast, 4), expected)
+    assert torch.equal(
+        scatter_codes(SparseCodes(tracked.indices, tracked.values.detach()), 4), expected
+    )
+
+
+def _peak_bytes(fn) -> int:
+    """Largest tensor memory held at once during fn() (allocator events in time order)."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    peak = running = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_threshold_mode_no_grad_encode_makes_no_dense_copy(arch):
+    """relu / jumprelu + activation threshold without grad: one (chunk, d_sae) float buffer
+    and one bool of that shape at most (no relu copy, thresholded copy or abs())."""
+    d_sae, chunk = 16384, 32
+    sae = SparseAutoencoder(
+        d_in=16, d_sae=d_sae, architecture=arch, activation_threshold=2.0, chunk_size=chunk
+    )
+    x = torch.randn(2, 96, 16)
+    with torch.no_grad():
+        sae.b_enc.fill_(-3.0)  # sparse, as a trained SAE: a few latents per token pass 2.0
+        codes = sae.encode(x)
+        peak = _peak_bytes(lambda: sae.encode(x))
+    active = int((codes.values != 0).sum(-1).max())
+    assert 1 <= active <= 64, active  # the sparse regime the bound below is about
+    buffer = chunk * d_sae * 4  # one float32 (chunk, d_sae) pre-activation buffer
+    assert buffer <= peak <= 1.5 * buffer  # + a bool mask (1/4) and the small outputs
+
+
+@pytest.mark.parametrize("max_active", [None, 2])
+def test_padding_slots_never_copy_an_active_column_zero(max_active):
+    # row 0 has 1 active latent (column 0), row 1 has 3: row 0 gets padding slots, whose
+    # index must not duplicate column 0's value on either path
+    sae = SparseAutoencoder(
+        d_in=4, d_sae=4, architecture="relu", apply_b_dec_to_input=False, max_active=max_active
+    )
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.b_enc.zero_()
+    x = torch.tensor([[0.9, -1.0, -1.0, -1.0], [0.3, 0.2, -1.0, 0.7]], requires_grad=True)
+    with torch.no_grad():
+        fast = sae.encode(x)
+    tracked = sae.encode(x)
+    expected = torch.tensor([[0.9, 0.0, 0.0, 0.0], [0.3, 0.2, 0.0, 0.7]])
+    if max_active == 2:
+        expected[1, 1] = 0.0  # the 2 largest are kept
+    assert fast.values.shape == (2, 3 if max_active is None else 2)
+    assert torch.equal(fast.values[0], torch.tensor([0.9] + [0.0] * (fast.values.shape[1] - 1)))
+    assert torch.equal(fast.values, tracked.values.detach())
+    assert torch.equal(fast.indices, tracked.indices)
+    assert torch.equal(scatter_codes(fast, 4), expected)
+    tracked.values.sum().backward()
+    assert torch.equal(x.grad, (expected > 0).float())  # one gradient per kept latent
