@@ -1082,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (default 1: the tiny model's ops are too small to gain from more, "
-        "and a second thread competing for a busy core made steps 7-14x slower)",
+        "and a second thread competing for a busy core made steps 7-19x slower)",
     )  # fmt: skip
     demo.set_defaults(handler=cmd_demo)
 

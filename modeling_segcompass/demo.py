@@ -204,7 +204,7 @@ def run_demo(
         seed: seeds the synthetic world, the model and the training.
         quick: a reduced-size smoke run (tiny data, a few steps) for tests.
         threads: torch threads (default 1; None leaves torch's default). Measured on 2
-            shared cores: 2.1 warm-up steps/s with 1 thread against 0.15-0.3 with 2 threads
+            shared cores: 2.1 warm-up steps/s with 1 thread against 0.11-0.32 with 2 threads
             while another process used a core (threads spin-waiting for a busy core); the
             earlier 2-thread runs reached about 1.7 steps/s even on an idle machine.
     """
