@@ -25,6 +25,7 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -73,6 +74,7 @@ SIZES = ("tiny", "proportional")
 MASK_WEIGHTS = ("seg_loss_weight", "conf_loss_weight", "sae_loss_weight")
 
 
+@dataclass
 class GRPOStepSetup:
     """A trainer on a model and one fixed, scored batch of completions (the GRPO inputs).
 
@@ -85,8 +87,9 @@ class GRPOStepSetup:
             ``gt_masks`` (B, G, M, M), ``num_objects`` (B,), ``valid_mask`` (B, M, M).
     """
 
-    def __init__(self, trainer: SegCompassGRPOTrainer, model, batch: dict[str, Any]) -> None:
-        self.trainer, self.model, self.batch = trainer, model, batch
+    trainer: SegCompassGRPOTrainer
+    model: SegCompassForReasoningSegmentation
+    batch: dict[str, Any]
 
 
 def build(

@@ -289,7 +289,7 @@ def reference_loss(
         iou_loss_weight=cfg.iou_loss_weight,
         order_prior=cfg.slot_order_prior,  # the package's matching cost (tiny presets: 1.0)
     )
-    lm = model._lm_loss(output.logits, labels)
+    lm = model._lm_loss(labels, logits=output.logits)
     return (
         cfg.lm_loss_weight * lm
         + cfg.seg_loss_weight * seg.seg_loss

@@ -146,9 +146,7 @@ def _time_progress_callback(deadline: float, description: str, disable: bool = F
     return TimeProgress()
 
 
-def _time_schedule_callback(
-    start: float, deadline: float, warmup_steps: int, min_ratio: float = 0.1
-) -> Any:
+def _time_schedule_callback(deadline: float, warmup_steps: int, min_ratio: float = 0.1) -> Any:
     """Linear warm-up over `warmup_steps`, then cosine decay to `min_ratio` over the wall-clock
     time left until `deadline`, applied to every parameter group's learning rate.
 
@@ -316,7 +314,7 @@ def run_demo(
         args=args,
         module_learning_rates=ModuleLearningRates.uniform(),
         callbacks=[
-            _time_schedule_callback(time.time(), sft_deadline, warmup_steps=1 if quick else 100),
+            _time_schedule_callback(sft_deadline, warmup_steps=1 if quick else 100),
             _time_limit_callback(sft_deadline),
             _time_progress_callback(sft_deadline, "supervised warm-up", disable=quick),
         ],

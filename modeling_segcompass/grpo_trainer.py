@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import GRPOConfig, GRPOTrainer
@@ -546,7 +547,7 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         metrics = {mode: {k: list(v) for k, v in m.items()} for mode, m in self._metrics.items()}
         state = {
             "step": int(self._step),
-            "buffered_inputs": _to_cpu(self._buffered_inputs),
+            "buffered_inputs": send_to_device(self._buffered_inputs, "cpu"),
             "metrics": metrics,
         }
         os.makedirs(output_dir, exist_ok=True)
@@ -591,7 +592,9 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             self._step = int(state["step"])
-            self._buffered_inputs = _to_device(state["buffered_inputs"], self.accelerator.device)
+            self._buffered_inputs = send_to_device(
+                state["buffered_inputs"], self.accelerator.device
+            )
             for mode, values in state.get("metrics", {}).items():
                 self._metrics[mode].clear()
                 for key, series in values.items():
@@ -986,25 +989,6 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
 
 # --------------------------------------------------------------------------- helpers
-def _to_cpu(value: Any) -> Any:
-    """``value`` (nested lists / tuples / dicts of tensors) with every tensor on the CPU."""
-    return _map_tensors(value, lambda t: t.detach().cpu())
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    return _map_tensors(value, lambda t: t.to(device))
-
-
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return value
-
-
 def _unwrap_peft(model: nn.Module) -> nn.Module:
     """The SegCompass model under a PEFT wrapper (or the model itself)."""
     if hasattr(model, "decode_masks"):

@@ -990,23 +990,12 @@ def mask_prompt_dependence(
     moved = _changes(
         output, masks, prompt, output.conf_logits, range(batch), valid, model.config.mask_threshold
     )
-    return PromptDependence(
-        blank=value.cpu(),
-        mask_change=moved["mask_change"],
-        soft_mask_change=moved["soft_mask_change"],
-        mask_logit_change=moved["mask_logit_change"],
-        heatmap_change=moved["heatmap_change"],
-    )
+    measures = ("mask_change", "soft_mask_change", "mask_logit_change", "heatmap_change")
+    return PromptDependence(blank=value.cpu(), **{name: moved[name] for name in measures})
 
 
 # measures compared in `concept_ablation_study` (conf_change is signed; it is not averaged)
-STUDY_MEASURES = (
-    "mask_change",
-    "soft_mask_change",
-    "mask_logit_change",
-    "prob_change",
-    "heatmap_change",
-)
+STUDY_MEASURES = tuple(name for name in CHANGE_MEASURES if name != "conf_change")
 _MEASURE_NAMES = {
     "mask_change": "mask change (1 - IoU with the unablated mask)",
     "soft_mask_change": "soft mask change (1 - soft IoU of the mask probabilities)",

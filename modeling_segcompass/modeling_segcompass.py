@@ -695,11 +695,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         # 7. Losses.
         losses: dict[str, torch.Tensor] = {}
         if labels is not None:
-            losses["lm"] = (
-                self._lm_loss(logits, labels)
-                if logits is not None
-                else self._labelled_lm_loss(last_hidden, labels)
-            )
+            losses["lm"] = self._lm_loss(labels, logits=logits, last_hidden=last_hidden)
         if cfg.sae_reconstruction_weight > 0 and (labels is not None or gt_masks is not None):
             losses["sae"] = self._sae_loss(sae_input, token_mask)
         slot_to_target = None
@@ -760,35 +756,31 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         )
 
     # ------------------------------------------------------------------ loss pieces
-    @staticmethod
-    def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the labelled positions (0 if there are none)."""
-        shift_logits = logits[:, :-1].float()  # (B, L-1, V)
-        shift_labels = labels[:, 1:].to(logits.device)  # (B, L-1)
-        if not (shift_labels != -100).any():
-            return shift_logits.sum() * 0.0
-        return F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-        )
-
-    def _labelled_lm_loss(self, last_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """`_lm_loss` from the hidden states, projecting only positions that predict a label.
+    def _lm_loss(
+        self,
+        labels: torch.Tensor,
+        *,
+        logits: torch.Tensor | None = None,
+        last_hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled positions (0 if there are none).
 
         Args:
-            last_hidden: (B, L, d) last-layer states.
             labels: (B, L) next-token targets, -100 where there is none.
-        Returns:
-            () the same mean cross-entropy as `_lm_loss(lm_head(last_hidden), labels)`, from
-            (N, V) logits of the N labelled positions instead of (B, L, V).
+            logits: (B, L, V) full LM logits, when the forward computed them; else
+            last_hidden: (B, L, d) last-layer states, of which only the N positions that
+                predict a label go through the LM head ((N, V) logits instead of (B, L, V)).
         """
-        shift_labels = labels[:, 1:].to(last_hidden.device)  # (B, L-1)
-        keep = shift_labels != -100
-        if not keep.any():  # keep the LM head in the graph, as `_lm_loss` does
-            return self.vlm.lm_head(last_hidden[:, :1]).float().sum() * 0.0
-        logits = self.vlm.lm_head(last_hidden[:, :-1][keep]).float()  # (N, V)
-        return F.cross_entropy(logits, shift_labels[keep])
+        shift_labels = labels[:, 1:]  # (B, L-1)
+        source = logits if logits is not None else last_hidden
+        keep = shift_labels.to(source.device) != -100
+        if not keep.any():  # keep the LM head in the graph
+            head = logits if logits is not None else self.vlm.lm_head(last_hidden[:, :1])
+            return head.float().sum() * 0.0
+        picked = source[:, :-1][keep]  # (N, V) logits or (N, d) states
+        if logits is None:
+            picked = self.vlm.lm_head(picked)
+        return F.cross_entropy(picked.float(), shift_labels.to(source.device)[keep])
 
     def _sae_loss(self, sae_input: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Reconstruction MSE / variance of the (detached) SAE input over real tokens.
@@ -937,12 +929,9 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             raw_text = tokenizer.decode(
                 completion[b][completion_mask[b]], skip_special_tokens=False
             )
-            if strict_format:
-                reason = completion_format_problem(raw_text, cfg.num_slots)
-            elif num_refs == 0:
-                reason = completion_format_problem("", cfg.num_slots)
-            else:
-                reason = None
+            reason = completion_format_problem(raw_text, cfg.num_slots)
+            if not strict_format and num_refs > 0:
+                reason = None  # permissive: ground the last K <REF_POS> whatever the format
             if reason is not None:
                 kept = torch.zeros_like(kept)
             elif not kept.any():

@@ -44,7 +44,7 @@ def test_time_schedule_warms_up_by_steps_then_decays_on_wall_time(monkeypatch):
     weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": [weights[0]], "lr": 1.0},
                                  {"params": [weights[1]], "lr": 0.5}])  # fmt: skip
-    callback = demo._time_schedule_callback(start=100.0, deadline=200.0, warmup_steps=4)
+    callback = demo._time_schedule_callback(deadline=200.0, warmup_steps=4)
     state = SimpleNamespace(global_step=0)
     callback.on_train_begin(None, state, None, optimizer=optimizer)
 
