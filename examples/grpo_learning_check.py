@@ -49,6 +49,7 @@ from modeling_segcompass.collator import SegCompassCollator
 from modeling_segcompass.data_synthetic import (
     FAMILIES,
     SyntheticWorldConfig,
+    describe_example,
     generate_examples,
     iter_texts,
 )
@@ -64,6 +65,7 @@ from modeling_segcompass.rewards import score_completion
 from modeling_segcompass.sae_training import pretrain_sae_for_model
 from modeling_segcompass.sft import ModuleLearningRates, sft_training_arguments, train_sft
 from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer, load_tokenizer
+from modeling_segcompass.vlm_pretraining import image_dependence, pretrain_vlm
 
 logger = logging.getLogger("grpo_learning_check")
 
@@ -208,7 +210,13 @@ def main() -> None:
     add("--seed", type=int, default=0)
     add("--train", type=int, default=6000, help="training examples (world seed --seed)")
     add("--held_out_per_family", type=int, default=30, help="x 7 families (>= 15 for >= 100)")
-    add("--sft_steps", type=int, default=300, help="supervised warm-up steps (batch 32)")
+    add(
+        "--vlm_steps",
+        type=int,
+        default=1200,
+        help="VLM pretraining steps on image descriptions (batch 32, LM only; 0 = none)",
+    )
+    add("--sft_steps", type=int, default=700, help="supervised warm-up steps (batch 32)")
     add("--sft_lr", type=float, default=3e-3)
     add("--grpo_steps", type=int, default=100)
     add("--grpo_lr", type=float, default=1e-4)
@@ -247,15 +255,16 @@ def main() -> None:
     held_out = held_out_set(args.seed, args.held_out_per_family)
     # The cache key covers everything the warm-up depends on, the tiny config included.
     tiny = SegCompassConfig.tiny(vocab_size=1024, num_slots=world.num_slots).to_json_string()
-    key = hashlib.sha1(json.dumps([args.seed, args.train, args.sft_steps, args.sft_lr,
+    key = hashlib.sha1(json.dumps([args.seed, args.train, args.vlm_steps, args.sft_steps, args.sft_lr,
                                    args.held_out_per_family, args.max_new_tokens, tiny]).encode()
                        ).hexdigest()[:10]  # fmt: skip
     cache = Path(args.cache_dir) / f"warmup-{key}" if args.cache_dir else None
     if cache is not None and (cache / "done").exists():
         tokenizer = load_tokenizer(cache / "tokenizer")
     else:
-        tokenizer = build_tiny_tokenizer(list(iter_texts(world, min(args.train, 3000))),
-                                         vocab_size=1024, save_dir=work / "tokenizer")  # fmt: skip
+        tokenizer = build_tiny_tokenizer(
+            list(iter_texts(world, min(args.train, 3000), descriptions=True)),
+            vocab_size=1024, save_dir=work / "tokenizer")  # fmt: skip
     processor = SegCompassProcessor.tiny(tokenizer, num_slots=world.num_slots)
     config = SegCompassConfig.tiny(vocab_size=len(tokenizer), num_slots=world.num_slots)
     torch.manual_seed(args.seed)
@@ -271,6 +280,11 @@ def main() -> None:
         info = json.loads((cache / "info.json").read_text())
         stamp(f"warm-up loaded from {cache} ({info})")
     else:
+        if args.vlm_steps:
+            vlm = pretrain_vlm(model, [describe_example(ex, world) for ex in train], processor,
+                               max_steps=args.vlm_steps, seed=args.seed, progress=False)  # fmt: skip
+            stamp(f"VLM pretraining: {vlm.steps} steps in {vlm.seconds:.0f} s, loss "
+                  f"{vlm.first_loss:.3f} -> {vlm.final_loss:.3f}")  # fmt: skip
         batches = [collator(train[i : i + 32]) for i in range(0, min(len(train), 640), 32)]
         sae = pretrain_sae_for_model(model, batches, work / "sae", steps=300, batch_size=1024,
                                      lr=1e-3, seed=args.seed, progress=False).report  # fmt: skip
@@ -285,8 +299,13 @@ def main() -> None:
         )  # fmt: skip
         train_sft(model, train, processor=processor, args=sft_args,
                   module_learning_rates=ModuleLearningRates.uniform())  # fmt: skip
-        info = {"sft_steps": args.sft_steps, "sft_seconds": round(time.time() - t0, 1)}
-        stamp(f"warm-up: {args.sft_steps} steps in {info['sft_seconds']:.0f} s")
+        info = {"vlm_steps": args.vlm_steps, "sft_steps": args.sft_steps,
+                "sft_seconds": round(time.time() - t0, 1),
+                "image_dependence": image_dependence(model, held_out, processor).to_dict()}  # fmt: skip
+        dep = info["image_dependence"]
+        stamp(f"warm-up: {args.sft_steps} steps in {info['sft_seconds']:.0f} s; held-out LM loss "
+              f"{dep['loss_right_image']:.3f} with the right image, {dep['loss_other_image']:.3f} "
+              "with another")  # fmt: skip
         warm = evaluate(model, processor, held_out, max_new_tokens=args.max_new_tokens)
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)

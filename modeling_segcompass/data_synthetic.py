@@ -80,6 +80,8 @@ RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": 
 SUPERLATIVES = ("largest", "smallest", "leftmost", "rightmost", "topmost", "bottommost")
 # Superlative -> the side the CoT sorts from.
 SORT_SIDE = {"leftmost": "left", "rightmost": "right", "topmost": "top", "bottommost": "bottom"}
+# The instruction of the image-description task (`describe_example`).
+DESCRIBE_INSTRUCTION = "describe the shapes"
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 # The explicit function-word table of the `function` family: instruction -> shape or colour.
@@ -867,14 +869,63 @@ def generate_examples(
     return [generate_example(config, i) for i in range(start, start + n)]
 
 
-def iter_texts(config: SyntheticWorldConfig, n: int, *, start: int = 0) -> Iterator[str]:
+def _description(objects: list[dict[str, Any]], size: int) -> str:
+    """Every object record (`_object_record`, left to right) as "{size} {colour} {kind} at
+    {cell}", comma-separated."""
+    return " , ".join(
+        f"{o['size']} {o['colour']} {o['kind']} at {_cell_name(*o['center'], size)}"
+        for o in objects
+    )
+
+
+def describe_example(example: dict[str, Any], config: SyntheticWorldConfig) -> dict[str, Any]:
+    """The image-description task on an example's image, for pretraining the VLM to read
+    images (`vlm_pretraining.pretrain_vlm`) before it learns to reason about them.
+
+    A tiny VLM trained from scratch on the reasoning task alone learns to ignore the image
+    (its LM loss is the same with another image, docs/results.md): most response words follow
+    from the instruction, and the few that need the image give too weak a signal. A
+    description makes every answer word depend on the image, as the captioning data that
+    pretrains real VLMs does.
+
+    Returns a dict with the collator's keys: image (the same PIL image), instruction
+    (`DESCRIBE_INSTRUCTION`), family "description", cot (every shape left to right as
+    "{size} {colour} {kind} at {cell}", comma-separated; cells are the 3x3 cell of the mask
+    centroid), response ("<think> {cot} </think> [answer_prefix] " + K x "<REF_POS>"), masks
+    (0, H, W) and num_objects 0: the task trains the language model only.
+    """
+    size = example["image"].size[0]
+    cot = _description(example["objects"], size)
+    return {
+        "index": example.get("index"),
+        "image": example["image"],
+        "instruction": DESCRIBE_INSTRUCTION,
+        "family": "description",
+        "cot": cot,
+        "response": _response(cot, config),
+        "masks": np.zeros((0, size, size), dtype=np.uint8),
+        "num_objects": 0,
+        "objects": example["objects"],
+        "target_indices": [],
+    }
+
+
+def iter_texts(
+    config: SyntheticWorldConfig, n: int, *, start: int = 0, descriptions: bool = False
+) -> Iterator[str]:
     """Instruction and response of examples `start .. start + n - 1` (2n strings, in that
     order), without drawing images: the corpus for training the word-level tokenizer. The
-    texts are identical to those of `generate_examples` with the same arguments."""
+    texts are identical to those of `generate_examples` with the same arguments. With
+    `descriptions`, each example is followed by the instruction and response of its
+    `describe_example` (4n strings)."""
     for i in range(start, start + n):
         scene = _build_scene(config, i)
         yield scene.instruction
         yield scene.response
+        if descriptions:
+            yield DESCRIBE_INSTRUCTION
+            records = [_object_record(s) for s in scene.shapes]
+            yield _response(_description(records, config.image_size), config)
 
 
 def word_vocabulary(config: SyntheticWorldConfig) -> list[str]:
@@ -886,6 +937,7 @@ def word_vocabulary(config: SyntheticWorldConfig) -> list[str]:
     words |= set(config.answer_prefix.split())
     words |= {"the", "shape", "shapes", "all", "only", "that", "is", "not", "a", "it", "at"}
     words |= {"means", "from", "of"} | set(SORT_SIDE.values())
+    words |= set(DESCRIBE_INSTRUCTION.split())
     words |= set(config.colours) | set(config.kinds) | set(config.sizes)
     words |= {PLURALS[k] for k in config.kinds} | set(SUPERLATIVES)
     # Cell words ("middle" never shows: the middle row is named by its column alone) and the

@@ -1,13 +1,14 @@
 """The embedded default, end to end (what `make demo` runs).
 
-synthetic world -> local tokenizer -> tiny model -> SAE pretraining -> supervised warm-up
+synthetic world -> local tokenizer -> tiny model -> VLM pretraining on image descriptions
+-> SAE pretraining -> supervised warm-up
 -> GRPO -> evaluation on held-out data (oracle-CoT and end-to-end, per family) ->
 interpretability report -> Hub-ready folder -> reload it with `AutoModel(...,
 trust_remote_code=True)` and segment a held-out image. Everything lands in one folder.
 
-The wall-clock budget (`minutes`) is split between the stages; the warm-up gets most of it,
-and its step count is set from a measured step time so that the learning-rate schedule
-ends when the budget does.
+The wall-clock budget (`minutes`) is split between the stages (fractions of the budget at
+which each training stage must end: `STAGE_ENDS`); the learning-rate schedules run on wall
+time, so they end when a stage's share does whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# Fraction of the budget at which each training stage ends (the rest: evaluation, report,
+# export and reload, about 1.5 min at 14 minutes).
+STAGE_ENDS = {"vlm_pretraining": 0.20, "supervised_warmup": 0.66, "grpo": 0.80}
+
 
 @dataclass
 class DemoSummary:
@@ -34,6 +39,8 @@ class DemoSummary:
     stage_times_s: dict[str, float] = field(default_factory=dict)
     num_train: int = 0
     num_held_out: int = 0
+    vlm_pretraining: dict[str, float] = field(default_factory=dict)
+    image_dependence: dict[str, float] = field(default_factory=dict)
     sae: dict[str, float] = field(default_factory=dict)
     sft_steps: int = 0
     grpo_steps: int = 0
@@ -55,7 +62,9 @@ class DemoSummary:
             f"SegCompass demo finished in {self.wall_time_s / 60:.1f} min -> {self.output_dir}",
             "stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.stage_times_s.items()),
             f"train {self.num_train} / held-out {self.num_held_out} examples; "
+            f"VLM pretraining {self.vlm_pretraining.get('steps', 0)} steps, "
             f"SFT {self.sft_steps} steps, GRPO {self.grpo_steps} steps",
+            _dependence_line(self.image_dependence),
             f"SAE: {self.sae}",
             "",
             table("oracle-CoT (gold reasoning teacher-forced)", self.oracle_cot),
@@ -65,6 +74,15 @@ class DemoSummary:
             f"reloaded from the Hub-ready folder: {self.reload_check}",
         ]
         return "\n".join(lines)
+
+
+def _dependence_line(result: dict[str, float]) -> str:
+    if not result:
+        return "image dependence: (not measured)"
+    return (
+        "image dependence (held-out LM loss of the gold reasoning, right image vs another "
+        f"image): {result['loss_right_image']:.3f} vs {result['loss_other_image']:.3f}"
+    )
 
 
 def _answer_phrase(text: str) -> str:
@@ -198,7 +216,8 @@ def run_demo(
 
     Args:
         output_dir: where every artefact goes (created).
-        minutes: total budget; the supervised warm-up gets ~65%, GRPO ~12%.
+        minutes: total budget; VLM pretraining gets 20%, the supervised warm-up 46%, GRPO
+            14% (`STAGE_ENDS`).
         seed: seeds the synthetic world, the model and the training.
         quick: a reduced-size smoke run (tiny data, a few steps) for tests.
         threads: torch threads (default 1; None leaves torch's default). Measured on 2
@@ -210,7 +229,13 @@ def run_demo(
 
     from .collator import SegCompassCollator
     from .configuration_segcompass import SegCompassConfig
-    from .data_synthetic import SyntheticWorldConfig, as_mask_array, generate_examples, iter_texts
+    from .data_synthetic import (
+        SyntheticWorldConfig,
+        as_mask_array,
+        describe_example,
+        generate_examples,
+        iter_texts,
+    )
     from .modeling_segcompass import SegCompassForReasoningSegmentation
     from .processing_segcompass import SegCompassProcessor
     from .tokenizer_builder import build_tiny_tokenizer
@@ -248,7 +273,9 @@ def run_demo(
             held_out.append(ex)
     summary.num_train, summary.num_held_out = len(train), len(held_out)
     tokenizer = build_tiny_tokenizer(
-        list(iter_texts(world, min(num_train, 3000))), vocab_size=1024, save_dir=out / "tokenizer"
+        list(iter_texts(world, min(num_train, 3000), descriptions=True)),
+        vocab_size=1024,
+        save_dir=out / "tokenizer",
     )
     processor = SegCompassProcessor.tiny(tokenizer, num_slots=world.num_slots)
     max_new_tokens = 64
@@ -259,8 +286,28 @@ def run_demo(
     config = SegCompassConfig.tiny(vocab_size=len(tokenizer), num_slots=world.num_slots)
     model = SegCompassForReasoningSegmentation(config)
     collator = SegCompassCollator(processor)
+    batch_size = 8 if quick else 32
 
-    # 3. SAE pretraining on cached activations at sae_layer
+    # 3. VLM pretraining: the from-scratch tiny VLM learns to read images by describing them
+    # (a real backbone arrives pretrained); LM loss only, so steps are cheap.
+    from .vlm_pretraining import image_dependence, pretrain_vlm
+
+    vlm_report = pretrain_vlm(
+        model,
+        [describe_example(ex, world) for ex in train],
+        processor,
+        max_steps=3 if quick else 1_000_000,  # the deadline stops it
+        deadline=None if quick else start + STAGE_ENDS["vlm_pretraining"] * budget,
+        learning_rate=3e-3,
+        warmup_steps=1 if quick else 100,
+        batch_size=batch_size,
+        seed=seed,
+        progress=not quick,
+    )
+    summary.vlm_pretraining = vlm_report.to_dict()
+    stage("vlm_pretraining")
+
+    # 4. SAE pretraining on cached activations at sae_layer
     from .sae_training import pretrain_sae_for_model
 
     sae_batches = [
@@ -286,12 +333,11 @@ def run_demo(
     }
     stage("sae_pretraining")
 
-    # 4. supervised warm-up (plain Trainer underneath), learning rate scheduled on wall time
+    # 5. supervised warm-up (plain Trainer underneath), learning rate scheduled on wall time
     from .sft import ModuleLearningRates, sft_training_arguments, train_sft
 
-    batch_size = 8 if quick else 32
     model.train()
-    sft_deadline = start + 0.66 * budget
+    sft_deadline = start + STAGE_ENDS["supervised_warmup"] * budget
     sft_steps = 3 if quick else 1_000_000  # the deadline stops it; the schedule runs on time
     args = sft_training_arguments(
         str(out / "sft"),
@@ -323,8 +369,11 @@ def run_demo(
     (out / "sft_log.json").write_text(json.dumps(sft.trainer.state.log_history, indent=1))
     stage("supervised_warmup")
 
-    # 5. evaluation of the warm-up checkpoint (end to end), then GRPO
+    # 6. evaluation of the warm-up checkpoint (end to end), then GRPO
     model.eval()
+    summary.image_dependence = image_dependence(
+        model, held_out, processor, batch_size=batch_size
+    ).to_dict()
     summary.end_to_end_warmup, _ = _evaluate(
         model, processor, held_out, teacher_forced=False, max_new_tokens=max_new_tokens
     )
@@ -366,14 +415,14 @@ def run_demo(
         args=grpo_args,
         train_dataset=grpo_rows,
         processing_class=processor,
-        callbacks=[_time_limit_callback(start + 0.80 * budget)],
+        callbacks=[_time_limit_callback(start + STAGE_ENDS["grpo"] * budget)],
     )
     grpo.train()
     summary.grpo_steps = int(grpo.state.global_step)
     (out / "grpo_log.json").write_text(json.dumps(grpo.state.log_history, indent=1))
     stage("grpo")
 
-    # 6. evaluation: oracle-CoT and end-to-end, per family
+    # 7. evaluation: oracle-CoT and end-to-end, per family
     model.eval()
     summary.oracle_cot, _ = _evaluate(
         model, processor, held_out, teacher_forced=True, max_new_tokens=max_new_tokens
@@ -394,7 +443,7 @@ def run_demo(
     )
     stage("evaluation")
 
-    # 7. interpretability report on a few held-out examples
+    # 8. interpretability report on a few held-out examples
     from .concept_labels import build_concept_labels, save_concept_labels
     from .interpret import build_explanation_inputs, explain, write_report
 
@@ -420,7 +469,7 @@ def run_demo(
     )
     stage("interpretability")
 
-    # 8. Hub-ready folder, then reload it through remote code and segment a held-out image
+    # 9. Hub-ready folder, then reload it through remote code and segment a held-out image
     from .hub import export
 
     export_dir = out / "hub_model"

@@ -439,3 +439,43 @@ def test_as_mask_array_normalises_rows_and_refuses_wrong_sizes():
     assert ones.dtype == np.uint8 and ones.tolist() == [[[1, 0], [0, 1]]]
     with pytest.raises(ValueError, match=r"\(N, 64, 64\)"):
         as_mask_array(np.zeros((1, 32, 32)), 64)
+
+
+# --------------------------------------------------------------------------- description task
+
+
+def test_description_lists_every_object_left_to_right_with_its_cell(examples):
+    from modeling_segcompass.data_synthetic import DESCRIBE_INSTRUCTION, describe_example
+
+    cfg = build_tiny_cfg(seed=7)
+    vocabulary = set(word_vocabulary(cfg))
+    for e in examples[:60]:
+        d = describe_example(e, cfg)
+        assert d["instruction"] == DESCRIBE_INSTRUCTION and d["image"] is e["image"]
+        assert d["num_objects"] == 0 and d["masks"].shape == (0, 64, 64)
+        assert d["response"] == f"{THINK_START} {d['cot']} {THINK_END} " + " ".join([REF_TOKEN] * 3)
+        assert set(d["response"].split()) | set(d["instruction"].split()) <= vocabulary
+        items = d["cot"].split(" , ")
+        assert len(items) == len(e["objects"])
+        xs = [o["center"][0] for o in e["objects"]]
+        assert xs == sorted(xs)  # left to right
+        for item, obj in zip(items, e["objects"], strict=True):
+            size, colour, kind, at, *cell = item.split()
+            assert (size, colour, kind, at) == (obj["size"], obj["colour"], obj["kind"], "at")
+            x, y = obj["center"]
+            row = ("top", "middle", "bottom")[min(int(3 * y / 64), 2)]
+            col = ("left", "center", "right")[min(int(3 * x / 64), 2)]
+            expected = [w for w in (row, col) if w not in ("middle", "center")] or ["center"]
+            assert cell == expected, (item, obj)
+
+
+def test_iter_texts_with_descriptions_matches_describe_example():
+    from modeling_segcompass.data_synthetic import describe_example
+
+    cfg = build_tiny_cfg(seed=5)
+    texts = list(iter_texts(cfg, 8, descriptions=True))
+    expected = []
+    for e in generate_examples(cfg, 8):
+        d = describe_example(e, cfg)
+        expected += [e["instruction"], e["response"], d["instruction"], d["response"]]
+    assert texts == expected
