@@ -7,10 +7,11 @@ synthetic world -> tiny tokenizer -> tiny model -> VLM pretraining on image desc
 32, AdamW, cosine to 10 %). From the SAME warm-up weights two arms then run:
 
 * **GRPO**: `SegCompassGRPOTrainer` (reward 0.3 format + 0.7 mask) for ``--grpo_steps``
-  steps. By default policy-only (``--seg_loss_weight 0 --conf_loss_weight 0``): the joint
-  mask loss on the sampled completions (``--seg_loss_weight 1 --conf_loss_weight 0.2``, the
-  paper's recipe) lowered the held-out reward here, because the tiny VLM's completions mostly
-  name the wrong object and the loss then teaches the mask path to disregard the text;
+  steps, with the joint mask loss (seg 1, conf 0.2) only on the completions that beat their
+  group's mean reward (``--mask_loss_completions above_group_mean``, run J+). On every
+  completion (``all``, the paper's recipe) it lowered the held-out reward here: the tiny VLM's
+  completions mostly name the wrong object, and the loss then teaches the mask path to
+  disregard the text; ``--seg_loss_weight 0 --conf_loss_weight 0`` is policy-only GRPO;
 * **control**: supervised training continued (fresh AdamW, constant ``--control_lr``) for the
   same compute as the GRPO arm's training took (process CPU time, which unlike wall time
   does not depend on what else runs on a shared machine).
@@ -231,10 +232,12 @@ def main() -> None:
     add("--temperature", type=float, default=1.0)
     add("--num_generations", type=int, default=8)
     add("--grpo_batch", type=int, default=32, help="completions per step (prompts x G)")
-    add("--seg_loss_weight", type=float, default=0.0,
-        help="mask loss on the sampled completions (0 = policy-only; the paper's joint: 1)")  # fmt: skip
-    add("--conf_loss_weight", type=float, default=0.0,
-        help="confidence loss on the sampled completions (the paper's joint: 0.2)")  # fmt: skip
+    add("--seg_loss_weight", type=float, default=1.0,
+        help="mask loss on the sampled completions (0 = policy-only)")  # fmt: skip
+    add("--conf_loss_weight", type=float, default=0.2,
+        help="confidence loss on the sampled completions")  # fmt: skip
+    add("--mask_loss_completions", default="above_group_mean", choices=("all", "above_group_mean"),
+        help="which completions carry the mask loss when its weights are > 0")  # fmt: skip
     add("--control_lr", type=float, default=3e-4, help="constant lr of the continued SFT")
     add("--control_seconds", type=float, default=None,
         help="control training CPU seconds (default: the GRPO arm's measured CPU time)")  # fmt: skip
@@ -334,6 +337,7 @@ def main() -> None:
             lr_scheduler_type="constant", warmup_steps=0, beta=args.beta,
             temperature=args.temperature, seg_loss_weight=args.seg_loss_weight,
             conf_loss_weight=args.conf_loss_weight,
+            mask_loss_completions=args.mask_loss_completions,
             module_lr_multipliers=args.grpo_multipliers or None, use_cpu=True, bf16=False,
             report_to=[], save_strategy="no", logging_steps=5, disable_tqdm=True, seed=args.seed,
         )  # fmt: skip

@@ -91,6 +91,8 @@ _MASK_REWARDS: dict[str, Callable[..., list[float | None]]] = {
     "multi_object": multi_object_mask_reward,
     "single": mask_reward,
 }
+#: Choices of `SegCompassGRPOConfig.mask_loss_completions`.
+_MASK_LOSS_COMPLETIONS = ("all", "above_group_mean")
 
 
 # --------------------------------------------------------------------------- config
@@ -152,6 +154,16 @@ class SegCompassGRPOConfig(GRPOConfig):
             "model's `config.sae_reconstruction_weight`."
         },
     )
+    mask_loss_completions: str = field(
+        default="all",
+        metadata={
+            "help": "Which sampled completions carry the mask and confidence loss: 'all' (the "
+            "paper's joint training) or 'above_group_mean' (only those whose reward beats "
+            "their group's mean, i.e. advantage > 0). With a policy that mostly names the wrong "
+            "object, 'all' teaches the mask path to segment the target whatever the text says "
+            "(docs/grpo.md, learning check)."
+        },
+    )
     mask_loss_in_policy_forward: bool = field(
         default=True,
         metadata={
@@ -196,6 +208,11 @@ class SegCompassGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"SegCompassGRPOConfig.sae_loss_weight must be None or >= 0; got "
                 f"{self.sae_loss_weight!r}."
+            )
+        if self.mask_loss_completions not in _MASK_LOSS_COMPLETIONS:
+            raise ValueError(
+                "SegCompassGRPOConfig.mask_loss_completions must be one of "
+                f"{_MASK_LOSS_COMPLETIONS}; got {self.mask_loss_completions!r}."
             )
         if self.mask_reward not in _MASK_REWARDS:
             raise ValueError(
@@ -951,6 +968,8 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         zero = loss.new_zeros(())
         seg = out.seg_loss if out.seg_loss is not None else zero
         conf = out.conf_loss if out.conf_loss is not None else zero
+        if self.args.mask_loss_completions == "above_group_mean":
+            seg, conf = self._mask_loss_above_group_mean(model, out, targets, inputs, zero)
         sae = out.sae_loss if out.sae_loss is not None else zero
         mask_loss = self.args.seg_loss_weight * seg + self.args.conf_loss_weight * conf
         mask_loss = mask_loss + sae_weight * sae
@@ -966,6 +985,25 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self.accelerator.gather(mask_loss.detach().float()).mean().item()
         )
         return loss
+
+    def _mask_loss_above_group_mean(self, model, out, targets, inputs, zero):
+        """(seg, conf) losses of the completions with advantage > 0 only (zero if none)."""
+        keep = inputs["advantages"].reshape(-1) > 0  # (B,)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["mask_loss_fraction"].append(
+            self.accelerator.gather(keep.float().mean().reshape(1)).mean().item()
+        )
+        if not keep.any():
+            # no completion beats its group: keep the heads in the graph with a zero loss
+            return out.mask_logits.sum() * 0.0, zero
+        unwrapped = _unwrap_peft(self.accelerator.unwrap_model(model))
+        valid = None if targets.valid_mask is None else targets.valid_mask[keep]
+        iou = None if out.iou_scores is None else out.iou_scores[keep]
+        part = unwrapped.segmentation_loss(
+            out.heatmap_logits[keep], out.mask_logits[keep], out.conf_logits[keep], iou,
+            targets.gt_masks[keep], targets.num_objects[keep], valid,
+        )  # fmt: skip
+        return part.seg_loss, part.conf_loss
 
     def _mask_forward(self, model, inputs, targets: SegmentationTargets):
         """The reference-style second pass: the whole forward again, for the mask loss only."""

@@ -700,26 +700,10 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             losses["sae"] = self._sae_loss(sae_input, token_mask)
         slot_to_target = None
         if gt_masks is not None:
-            gt = gt_masks.to(mask_logits.dtype)
-            if num_objects is None:
-                num_objects = (gt.flatten(2) > 0.5).any(-1).sum(-1)
-            seg = compute_segmentation_loss(
-                heatmap_logits=mapped.heatmap_logits,
-                mask_logits=mask_logits,
-                conf_logits=mapped.conf_logits,
-                gt_masks=gt,
-                num_objects=num_objects,
-                valid_mask=valid_mask,
-                heatmap_bce_weight=cfg.heatmap_bce_weight,
-                heatmap_dice_weight=cfg.heatmap_dice_weight,
-                mask_dice_weight=cfg.mask_dice_weight,
-                mask_focal_weight=cfg.mask_focal_weight,
-                focal_alpha=cfg.focal_alpha,
-                focal_gamma=cfg.focal_gamma,
-                iou_predictions=iou_scores,
-                iou_loss_weight=cfg.iou_loss_weight,
-                order_prior=cfg.slot_order_prior,
-            )
+            seg = self.segmentation_loss(
+                mapped.heatmap_logits, mask_logits, mapped.conf_logits, iou_scores,
+                gt_masks, num_objects, valid_mask,
+            )  # fmt: skip
             slot_to_target = seg.assignment.slot_to_target
             losses["seg"] = seg.seg_loss
             losses["conf"] = seg.conf_loss
@@ -756,6 +740,48 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         )
 
     # ------------------------------------------------------------------ loss pieces
+    def segmentation_loss(
+        self,
+        heatmap_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        conf_logits: torch.Tensor,
+        iou_scores: torch.Tensor | None,
+        gt_masks: torch.Tensor,
+        num_objects: torch.Tensor | None = None,
+        valid_mask: torch.Tensor | None = None,
+    ) -> Any:
+        """The forward's segmentation + confidence losses (`compute_segmentation_loss` with this
+        config's weights) for given outputs, e.g. a subset of a batch's rows.
+
+        Args:
+            heatmap_logits, mask_logits: (B, K, M, M); conf_logits, iou_scores: (B, K).
+            gt_masks: (B, G, M, M); num_objects: (B,) (default: the non-empty masks);
+            valid_mask: (B, M, M) or None.
+        Returns:
+            `losses.SegmentationLossOutput` (seg_loss, conf_loss, assignment).
+        """
+        cfg = self.config
+        gt = gt_masks.to(mask_logits.dtype)
+        if num_objects is None:
+            num_objects = (gt.flatten(2) > 0.5).any(-1).sum(-1)
+        return compute_segmentation_loss(
+            heatmap_logits=heatmap_logits,
+            mask_logits=mask_logits,
+            conf_logits=conf_logits,
+            gt_masks=gt,
+            num_objects=num_objects,
+            valid_mask=valid_mask,
+            heatmap_bce_weight=cfg.heatmap_bce_weight,
+            heatmap_dice_weight=cfg.heatmap_dice_weight,
+            mask_dice_weight=cfg.mask_dice_weight,
+            mask_focal_weight=cfg.mask_focal_weight,
+            focal_alpha=cfg.focal_alpha,
+            focal_gamma=cfg.focal_gamma,
+            iou_predictions=iou_scores,
+            iou_loss_weight=cfg.iou_loss_weight,
+            order_prior=cfg.slot_order_prior,
+        )
+
     def _lm_loss(
         self,
         labels: torch.Tensor,

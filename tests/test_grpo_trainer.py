@@ -131,6 +131,7 @@ def test_grpo_row_no_target_and_mismatch(world):
     [
         ("seg_loss_weight", -1.0, "seg_loss_weight must be a number >= 0"),
         ("mask_reward", "dice", "mask_reward must be one of"),
+        ("mask_loss_completions", "best", "mask_loss_completions must be one of"),
         ("module_lr_multipliers", {"codebook": -2.0}, "must be >= 0"),
     ],
 )
@@ -145,6 +146,7 @@ def test_config_defaults_follow_the_paper(tmp_path):
     assert (args.format_reward_weight, args.mask_reward_weight) == (0.3, 0.7)
     assert (args.seg_loss_weight, args.conf_loss_weight) == (1.0, 0.2)
     assert args.mask_loss_in_policy_forward is True
+    assert args.mask_loss_completions == "all"
 
 
 def test_default_rewards_are_format_and_mask_at_paper_weights(world, tmp_path):
@@ -321,6 +323,43 @@ def test_mask_loss_comes_from_the_policy_forward(world, tmp_path):
     assert metrics["seg_loss"][0] == pytest.approx(float(out.seg_loss), rel=1e-4)
     assert metrics["mask_loss"][0] == pytest.approx(float(expected - policy), rel=1e-4)
     assert metrics["mask_loss"][2] == 0.0  # all weights 0
+
+
+def test_mask_loss_above_group_mean_counts_only_completions_that_beat_their_group(world, tmp_path):
+    """mask_loss_completions='above_group_mean': the mask / confidence losses are those of a
+    forward on the advantage > 0 rows alone; with no such row they are 0."""
+    processor, _, dataset = world
+    model = tiny_model(processor).train()
+    weights = {"seg_loss_weight": 1.0, "conf_loss_weight": 0.2, "sae_loss_weight": 0.0}
+    trainer = SegCompassGRPOTrainer(
+        model=model,
+        args=grpo_args(tmp_path, mask_loss_completions="above_group_mean", **weights),
+        train_dataset=dataset, processing_class=processor,
+    )  # fmt: skip
+    batch = scored_batch(trainer, dataset, [1.0, -1.0, 0.5, -0.5])  # rows 0 and 2 beat their group
+    total = trainer._compute_loss(model, batch).detach()
+    trainer.args.seg_loss_weight = trainer.args.conf_loss_weight = 0.0
+    policy = trainer._compute_loss(model, batch).detach()
+    keep = torch.tensor([0, 2])
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)[keep]
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)[keep]
+    patches = batch["pixel_values"].shape[0] // 4
+    pixels = torch.cat([batch["pixel_values"][r * patches : (r + 1) * patches] for r in (0, 2)])
+    with torch.no_grad():
+        out = model(
+            input_ids=ids, attention_mask=attention, pixel_values=pixels,
+            image_grid_thw=batch["image_grid_thw"][keep],
+            sam_pixel_values=batch["sam_pixel_values"][keep], gt_masks=batch["gt_masks"][keep],
+            num_objects=batch["num_objects"][keep], valid_mask=batch["valid_mask"][keep],
+        )  # fmt: skip
+    torch.testing.assert_close(total, policy + out.seg_loss + 0.2 * out.conf_loss)
+    assert trainer._metrics["train"]["mask_loss_fraction"][0] == 0.5
+    # no completion beats its group (all advantages <= 0): no mask loss at all
+    trainer.args.seg_loss_weight, trainer.args.conf_loss_weight = 1.0, 0.2
+    batch["advantages"] = torch.tensor([0.0, -1.0, 0.0, -0.5])
+    none_kept = trainer._compute_loss(model, batch).detach()
+    trainer.args.seg_loss_weight = trainer.args.conf_loss_weight = 0.0
+    torch.testing.assert_close(none_kept, trainer._compute_loss(model, batch).detach())
 
 
 # --------------------------------------------------------------------------- training
