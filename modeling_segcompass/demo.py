@@ -44,6 +44,7 @@ class DemoSummary:
     sae: dict[str, float] = field(default_factory=dict)
     sft_steps: int = 0
     grpo_steps: int = 0
+    oracle_cot_warmup: dict[str, Any] = field(default_factory=dict)
     oracle_cot: dict[str, Any] = field(default_factory=dict)
     end_to_end_warmup: dict[str, Any] = field(default_factory=dict)
     end_to_end: dict[str, Any] = field(default_factory=dict)
@@ -67,7 +68,10 @@ class DemoSummary:
             _dependence_line(self.image_dependence),
             f"SAE: {self.sae}",
             "",
-            table("oracle-CoT (gold reasoning teacher-forced)", self.oracle_cot),
+            table(
+                "oracle-CoT after warm-up (gold reasoning teacher-forced)", self.oracle_cot_warmup
+            ),
+            table("oracle-CoT after GRPO", self.oracle_cot),
             table("end-to-end after warm-up (model's own reasoning)", self.end_to_end_warmup),
             table("end-to-end after GRPO (the headline)", self.end_to_end),
             f"answer phrase correct (end-to-end): {self.answer_phrase_accuracy}",
@@ -374,6 +378,9 @@ def run_demo(
     summary.image_dependence = image_dependence(
         model, held_out, processor, batch_size=batch_size
     ).to_dict()
+    summary.oracle_cot_warmup, _ = _evaluate(
+        model, processor, held_out, teacher_forced=True, max_new_tokens=max_new_tokens
+    )
     summary.end_to_end_warmup, _ = _evaluate(
         model, processor, held_out, teacher_forced=False, max_new_tokens=max_new_tokens
     )
@@ -437,6 +444,7 @@ def run_demo(
     (out / "evaluation.json").write_text(
         json.dumps(
             {
+                "oracle_cot_warmup": summary.oracle_cot_warmup,
                 "oracle_cot": summary.oracle_cot,
                 "end_to_end_warmup": summary.end_to_end_warmup,
                 "end_to_end": summary.end_to_end,

@@ -8,7 +8,7 @@ from modeling_segcompass.demo import run_demo
 def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path):
     summary = run_demo(tmp_path / "demo", minutes=2, quick=True, seed=0)
     expected_stages = {
-        "data", "sae_pretraining", "supervised_warmup", "eval_warmup", "grpo", "evaluation",
+        "data", "vlm_pretraining", "sae_pretraining", "supervised_warmup", "eval_warmup", "grpo", "evaluation",
         "interpretability", "export_and_reload",
     }  # fmt: skip
     assert expected_stages <= set(summary.stage_times_s)
@@ -17,7 +17,9 @@ def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path):
     assert summary.sae["l0"] == 16
     assert summary.sae["fvu"] < summary.sae["initial_fvu"]
     evaluation = json.loads((tmp_path / "demo" / "evaluation.json").read_text())
-    for key in ("oracle_cot", "end_to_end_warmup", "end_to_end"):
+    assert summary.vlm_pretraining["steps"] == 3
+    assert set(summary.image_dependence) >= {"loss_right_image", "loss_other_image", "gap"}
+    for key in ("oracle_cot_warmup", "oracle_cot", "end_to_end_warmup", "end_to_end"):
         overall = evaluation[key]["overall"]
         assert 0.0 <= overall["gIoU"] <= 1.0 and overall["n"] == summary.num_held_out
         assert "| overall |" in evaluation[key]["table"]
