@@ -179,6 +179,24 @@ def compare(label: str, base: dict[str, list], new: dict[str, list]) -> str:
     return "\n".join(lines)
 
 
+def pooled_report(reports: list[dict[str, Any]]) -> str:
+    """Paired differences pooled over several runs' per-sample scores (each run pairs its own
+    held-out examples); a comparison uses only the runs that have both arms."""
+    lines = []
+    for label, base, new in (("GRPO - warm-up", "warmup", "grpo"),
+                             ("control - warm-up", "warmup", "control"),
+                             ("GRPO - control", "control", "grpo")):  # fmt: skip
+        runs = [r for r in reports if base in r and new in r]
+        if not runs:
+            continue
+        pooled_base = {k: sum((r[base][k] for r in runs), []) for k in ("reward", "iou")}
+        pooled_new = {k: sum((r[new][k] for r in runs), []) for k in ("reward", "iou")}
+        n = len(pooled_base["reward"])
+        lines.append(f"{len(runs)} run(s), {n} paired examples:")
+        lines.append(compare(label, pooled_base, pooled_new))
+    return "\n".join(lines) if lines else "no run holds two arms to compare"
+
+
 # --------------------------------------------------------------------------- helpers
 class StopAfter(TrainerCallback):
     """Stop training once `seconds` of process CPU time have been used (checked per step).
@@ -246,7 +264,13 @@ def main() -> None:
     add("--max_new_tokens", type=int, default=64)
     add("--cache_dir", default=None, help="store / reuse the warm-up here")
     add("--output", default=None, help="write every per-sample score to this JSON file")
+    add("--pool", nargs="+", default=None, metavar="JSON",
+        help="only pool earlier --output files (e.g. one per seed): paired differences over "
+             "all their held-out examples, then exit")  # fmt: skip
     args = parser.parse_args()
+    if args.pool:
+        print(pooled_report([json.loads(Path(f).read_text()) for f in args.pool]))
+        return
     if args.held_out_per_family * len(FAMILIES) < 100:
         parser.error("--held_out_per_family must give >= 100 held-out examples (>= 15).")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
