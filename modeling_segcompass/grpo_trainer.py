@@ -157,11 +157,12 @@ class SegCompassGRPOConfig(GRPOConfig):
     mask_loss_completions: str = field(
         default="all",
         metadata={
-            "help": "Which sampled completions carry the mask and confidence loss: 'all' (the "
+            "help": "Which sampled completions carry the segmentation (mask) loss: 'all' (the "
             "paper's joint training) or 'above_group_mean' (only those whose reward beats "
-            "their group's mean, i.e. advantage > 0). With a policy that mostly names the wrong "
-            "object, 'all' teaches the mask path to segment the target whatever the text says "
-            "(docs/grpo.md, learning check)."
+            "their group's mean, i.e. advantage > 0; the confidence loss stays on every "
+            "completion, else no-target rows, whose completions often tie, would drop out of "
+            "it). With a policy that mostly names the wrong object, 'all' teaches the mask "
+            "path to segment the target whatever the text says (docs/grpo.md)."
         },
     )
     mask_loss_in_policy_forward: bool = field(
@@ -969,7 +970,7 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         seg = out.seg_loss if out.seg_loss is not None else zero
         conf = out.conf_loss if out.conf_loss is not None else zero
         if self.args.mask_loss_completions == "above_group_mean":
-            seg, conf = self._mask_loss_above_group_mean(model, out, targets, inputs, zero)
+            seg = self._seg_loss_above_group_mean(model, out, targets, inputs)
         sae = out.sae_loss if out.sae_loss is not None else zero
         mask_loss = self.args.seg_loss_weight * seg + self.args.conf_loss_weight * conf
         mask_loss = mask_loss + sae_weight * sae
@@ -986,8 +987,13 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         )
         return loss
 
-    def _mask_loss_above_group_mean(self, model, out, targets, inputs, zero):
-        """(seg, conf) losses of the completions with advantage > 0 only (zero if none)."""
+    def _seg_loss_above_group_mean(self, model, out, targets, inputs):
+        """The segmentation loss of the completions with advantage > 0 only (0 if none).
+
+        Only the segmentation term: the confidence loss stays on every completion. A
+        no-target prompt whose completions all say "none" ties (advantage 0 everywhere), so
+        restricting the confidence loss too would train it almost only on "an object is
+        there" and no-target recall collapsed (demo, seed 1: N-acc 90% -> 0%)."""
         keep = inputs["advantages"].reshape(-1) > 0  # (B,)
         metrics = self._metrics["train" if self.model.training else "eval"]
         metrics["mask_loss_fraction"].append(
@@ -995,7 +1001,7 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         )
         if not keep.any():
             # no completion beats its group: keep the heads in the graph with a zero loss
-            return out.mask_logits.sum() * 0.0, zero
+            return out.mask_logits.sum() * 0.0
         unwrapped = _unwrap_peft(self.accelerator.unwrap_model(model))
         valid = None if targets.valid_mask is None else targets.valid_mask[keep]
         iou = None if out.iou_scores is None else out.iou_scores[keep]
@@ -1003,7 +1009,7 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             out.heatmap_logits[keep], out.mask_logits[keep], out.conf_logits[keep], iou,
             targets.gt_masks[keep], targets.num_objects[keep], valid,
         )  # fmt: skip
-        return part.seg_loss, part.conf_loss
+        return part.seg_loss
 
     def _mask_forward(self, model, inputs, targets: SegmentationTargets):
         """The reference-style second pass: the whole forward again, for the mask loss only."""

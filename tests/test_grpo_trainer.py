@@ -326,8 +326,8 @@ def test_mask_loss_comes_from_the_policy_forward(world, tmp_path):
 
 
 def test_mask_loss_above_group_mean_counts_only_completions_that_beat_their_group(world, tmp_path):
-    """mask_loss_completions='above_group_mean': the mask / confidence losses are those of a
-    forward on the advantage > 0 rows alone; with no such row they are 0."""
+    """mask_loss_completions='above_group_mean': the segmentation loss is that of a forward
+    on the advantage > 0 rows alone (0 with no such row); the confidence loss is every row's."""
     processor, _, dataset = world
     model = tiny_model(processor).train()
     weights = {"seg_loss_weight": 1.0, "conf_loss_weight": 0.2, "sae_loss_weight": 0.0}
@@ -345,6 +345,8 @@ def test_mask_loss_above_group_mean_counts_only_completions_that_beat_their_grou
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)[keep]
     patches = batch["pixel_values"].shape[0] // 4
     pixels = torch.cat([batch["pixel_values"][r * patches : (r + 1) * patches] for r in (0, 2)])
+    every_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    every_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     with torch.no_grad():
         out = model(
             input_ids=ids, attention_mask=attention, pixel_values=pixels,
@@ -352,14 +354,22 @@ def test_mask_loss_above_group_mean_counts_only_completions_that_beat_their_grou
             sam_pixel_values=batch["sam_pixel_values"][keep], gt_masks=batch["gt_masks"][keep],
             num_objects=batch["num_objects"][keep], valid_mask=batch["valid_mask"][keep],
         )  # fmt: skip
-    torch.testing.assert_close(total, policy + out.seg_loss + 0.2 * out.conf_loss)
+        every = model(
+            input_ids=every_ids, attention_mask=every_mask, pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"], sam_pixel_values=batch["sam_pixel_values"],
+            gt_masks=batch["gt_masks"], num_objects=batch["num_objects"],
+            valid_mask=batch["valid_mask"],
+        )  # fmt: skip
+    assert not torch.isclose(out.conf_loss, every.conf_loss)  # the check can tell them apart
+    torch.testing.assert_close(total, policy + out.seg_loss + 0.2 * every.conf_loss)
     assert trainer._metrics["train"]["mask_loss_fraction"][0] == 0.5
-    # no completion beats its group (all advantages <= 0): no mask loss at all
+    # no completion beats its group (all advantages <= 0): only the confidence loss is left
     trainer.args.seg_loss_weight, trainer.args.conf_loss_weight = 1.0, 0.2
     batch["advantages"] = torch.tensor([0.0, -1.0, 0.0, -0.5])
     none_kept = trainer._compute_loss(model, batch).detach()
     trainer.args.seg_loss_weight = trainer.args.conf_loss_weight = 0.0
-    torch.testing.assert_close(none_kept, trainer._compute_loss(model, batch).detach())
+    plain = trainer._compute_loss(model, batch).detach()
+    torch.testing.assert_close(none_kept, plain + 0.2 * every.conf_loss)
 
 
 # --------------------------------------------------------------------------- training
