@@ -7,8 +7,9 @@ synthetic world -> tiny tokenizer -> tiny model -> VLM pretraining on image desc
 32, AdamW, cosine to 10 %). From the SAME warm-up weights two arms then run:
 
 * **GRPO**: `SegCompassGRPOTrainer` (reward 0.3 format + 0.7 mask) for ``--grpo_steps``
-  steps, with the joint mask loss (seg 1, conf 0.2) only on the completions that beat their
-  group's mean reward (``--mask_loss_completions above_group_mean``, run J+). On every
+  steps, with the segmentation loss (weight 1) only on the completions that beat their
+  group's mean reward and the confidence loss (0.2) on all of them
+  (``--mask_loss_completions above_group_mean``, run J+). On every
   completion (``all``, the paper's recipe) it lowered the held-out reward here: the tiny VLM's
   completions mostly name the wrong object, and the loss then teaches the mask path to
   disregard the text; ``--seg_loss_weight 0 --conf_loss_weight 0`` is policy-only GRPO;

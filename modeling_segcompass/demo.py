@@ -388,12 +388,12 @@ def run_demo(
     from .grpo_trainer import SegCompassGRPOConfig, SegCompassGRPOTrainer, build_grpo_dataset
 
     grpo_rows = build_grpo_dataset(train[: 64 if quick else 2000], processor)
-    # The learning check's run J+ (docs/grpo.md): joint mask + confidence loss, but only on the
-    # completions that beat their group's mean reward. On all completions (the paper's recipe)
-    # the loss taught the mask path to disregard the text, because the tiny VLM names the
-    # right object in ~15% of them (oracle-CoT fell to ~0.6); policy-only kept the oracle
-    # (0.82) but its held-out gain did not repeat on a second seed. 4 prompts x 8, lr 1e-4,
-    # heads x5, constant.
+    # The learning check's run J+ (docs/grpo.md): the segmentation loss only on completions
+    # that beat their group's mean reward, the confidence loss on all of them. On all
+    # completions (the paper's recipe) the mask loss taught the mask path to disregard the
+    # text, because the tiny VLM names the right object in ~15% of them (oracle-CoT fell to
+    # ~0.6); policy-only kept the oracle (0.82) but its held-out gain did not repeat on a
+    # second seed. 4 prompts x 8, lr 1e-4, heads x5, constant.
     grpo_args = SegCompassGRPOConfig(
         output_dir=str(out / "grpo"),
         max_steps=1 if quick else 10_000,
