@@ -55,6 +55,7 @@ from modeling_segcompass.collator import SegCompassCollator
 from modeling_segcompass.data_synthetic import (
     FAMILIES,
     SyntheticWorldConfig,
+    balanced_examples,
     describe_example,
     generate_examples,
     iter_texts,
@@ -219,13 +220,7 @@ class StopAfter(TrainerCallback):
 
 def held_out_set(seed: int, per_family: int) -> list[dict[str, Any]]:
     """`per_family` examples of each family from a world with a different seed."""
-    pool = generate_examples(SyntheticWorldConfig(seed=seed + 1000), per_family * 12)
-    chosen, counts = [], {}
-    for ex in pool:
-        if counts.get(ex["family"], 0) < per_family:
-            counts[ex["family"]] = counts.get(ex["family"], 0) + 1
-            chosen.append(ex)
-    return chosen
+    return balanced_examples(SyntheticWorldConfig(seed=seed + 1000), per_family)
 
 
 def main() -> None:

@@ -59,6 +59,7 @@ from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmenta
 from modeling_segcompass.data_synthetic import (
     FAMILIES,
     SyntheticWorldConfig,
+    balanced_examples,
     describe_example,
     generate_examples,
     iter_texts,
@@ -73,22 +74,8 @@ MAX_NEW_TOKENS = 64
 # --------------------------------------------------------------------------- data
 def held_out_set(seed: int, per_family: int) -> list[dict[str, Any]]:
     """`per_family` examples of each family from the world with seed `seed` + 1000, in
-    generation order (as `held_out_set` in examples/grpo_learning_check.py, but the pool grows
-    until every family is full: a pool of 12 x per_family can miss some for small values)."""
-    world = SyntheticWorldConfig(seed=seed + 1000)
-    chosen, counts, start = [], dict.fromkeys(FAMILIES, 0), 0
-    while min(counts.values()) < per_family:
-        if start > 100 * per_family * len(FAMILIES):
-            raise RuntimeError(
-                f"held_out_set: families still short after {start} examples: "
-                f"{counts} (expected {per_family} each)."
-            )
-        for ex in generate_examples(world, per_family * len(FAMILIES), start=start):
-            if counts[ex["family"]] < per_family:
-                counts[ex["family"]] += 1
-                chosen.append(ex)
-        start += per_family * len(FAMILIES)
-    return chosen
+    generation order (`data_synthetic.balanced_examples`, as the learning check uses)."""
+    return balanced_examples(SyntheticWorldConfig(seed=seed + 1000), per_family)
 
 
 # --------------------------------------------------------------------------- scoring

@@ -625,6 +625,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
         mask_reward=args.mask_reward,
         seg_loss_weight=args.seg_loss_weight,
         conf_loss_weight=args.conf_loss_weight,
+        mask_loss_completions=args.mask_loss_completions,
         module_lr_multipliers=multipliers,
         logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps else "no",
@@ -1197,6 +1198,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     grpo.add_argument("--seg-loss-weight", type=float, default=1.0, help="segmentation loss weight")
     grpo.add_argument("--conf-loss-weight", type=float, default=0.2, help="confidence loss weight")
+    grpo.add_argument(
+        "--mask-loss-completions", choices=("all", "above_group_mean"), default="all",
+        help="completions that carry the segmentation loss: all (the paper), or only those "
+        "whose reward beats their group's mean (docs/grpo.md)",
+    )  # fmt: skip
     grpo.add_argument(
         "--save-steps", type=int, default=0,
         help="checkpoint every N steps into OUTPUT/checkpoint-N (0: no checkpoints)",

@@ -910,6 +910,35 @@ def describe_example(example: dict[str, Any], config: SyntheticWorldConfig) -> d
     }
 
 
+def balanced_examples(config: SyntheticWorldConfig, per_family: int) -> list[dict[str, Any]]:
+    """The first `per_family` examples of every family with a positive weight, in generation
+    order (a held-out set balanced over the families).
+
+    Examples are drawn in chunks until every family is full, so rare families are never short.
+
+    Raises:
+        RuntimeError: a family is still short after 100 x per_family x families examples.
+    """
+    if per_family < 1:
+        raise ValueError(f"per_family must be >= 1, got {per_family}.")
+    families = [f for f in FAMILIES if config.family_weights.get(f, 0.0) > 0]
+    counts = dict.fromkeys(families, 0)
+    chosen: list[dict[str, Any]] = []
+    chunk, start = per_family * len(families), 0
+    while min(counts.values()) < per_family:
+        if start >= 100 * chunk:
+            raise RuntimeError(
+                f"balanced_examples: families still short after {start} examples: {counts} "
+                f"(expected {per_family} each); raise the rare families' weights."
+            )
+        for ex in generate_examples(config, chunk, start=start):
+            if counts[ex["family"]] < per_family:
+                counts[ex["family"]] += 1
+                chosen.append(ex)
+        start += chunk
+    return chosen
+
+
 def iter_texts(
     config: SyntheticWorldConfig, n: int, *, start: int = 0, descriptions: bool = False
 ) -> Iterator[str]:

@@ -236,6 +236,7 @@ def run_demo(
     from .data_synthetic import (
         SyntheticWorldConfig,
         as_mask_array,
+        balanced_examples,
         describe_example,
         generate_examples,
         iter_texts,
@@ -268,13 +269,7 @@ def run_demo(
     per_family_held_out = 2 if quick else 40
     world = SyntheticWorldConfig(seed=seed)
     train = generate_examples(world, num_train)
-    held_world = SyntheticWorldConfig(seed=seed + 1000)
-    pool = generate_examples(held_world, per_family_held_out * 12)
-    held_out, counts = [], {}
-    for ex in pool:  # balance the held-out set over the families
-        if counts.get(ex["family"], 0) < per_family_held_out:
-            counts[ex["family"]] = counts.get(ex["family"], 0) + 1
-            held_out.append(ex)
+    held_out = balanced_examples(SyntheticWorldConfig(seed=seed + 1000), per_family_held_out)
     summary.num_train, summary.num_held_out = len(train), len(held_out)
     tokenizer = build_tiny_tokenizer(
         list(iter_texts(world, min(num_train, 3000), descriptions=True)),

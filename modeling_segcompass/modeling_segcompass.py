@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_segcompass import SegCompassConfig
 from .conv_image_encoder import ConvImageEncoder
-from .losses import compute_segmentation_loss
+from .losses import SegmentationLossOutput, compute_segmentation_loss
 from .query_codebook import QueryCodebook
 from .slot_mapper import SlotMapper
 from .sparse_autoencoder import SparseAutoencoder
@@ -749,7 +749,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         gt_masks: torch.Tensor,
         num_objects: torch.Tensor | None = None,
         valid_mask: torch.Tensor | None = None,
-    ) -> Any:
+    ) -> SegmentationLossOutput:
         """The forward's segmentation + confidence losses (`compute_segmentation_loss` with this
         config's weights) for given outputs, e.g. a subset of a batch's rows.
 
@@ -758,7 +758,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             gt_masks: (B, G, M, M); num_objects: (B,) (default: the non-empty masks);
             valid_mask: (B, M, M) or None.
         Returns:
-            `losses.SegmentationLossOutput` (seg_loss, conf_loss, assignment).
+            seg_loss, conf_loss and the slot assignment.
         """
         cfg = self.config
         gt = gt_masks.to(mask_logits.dtype)

@@ -415,6 +415,20 @@ def test_grpo_runs_a_step_and_saves_the_updated_model(capsys, model_dir, tmp_pat
     assert any(k.startswith("codebook.") for k in changed)
 
 
+def test_grpo_mask_loss_completions_reaches_the_trainer(capsys, model_dir, tmp_path):
+    out_dir = tmp_path / "grpo"
+    code, out, err = run(
+        capsys, "grpo", "--model", model_dir, "--data", "synthetic[:4]", "--output", out_dir,
+        "--steps", "1", "--batch-size", "4", "--num-generations", "2",
+        "--max-completion-length", "6", "--no-progress", "--device", "cpu",
+        "--mask-loss-completions", "above_group_mean",
+    )  # fmt: skip
+    assert code == 0, err
+    log = json.loads((out_dir / "training_log.json").read_text())
+    fractions = [entry["mask_loss_fraction"] for entry in log if "mask_loss_fraction" in entry]
+    assert fractions and all(0.0 <= f <= 1.0 for f in fractions)
+
+
 def test_grpo_resume_continues_the_stopped_run(capsys, model_dir, tmp_path):
     """A 2-step run vs the same run stopped after checkpoint-1 and resumed (auto and by path)."""
     options = [

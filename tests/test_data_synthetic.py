@@ -479,3 +479,22 @@ def test_iter_texts_with_descriptions_matches_describe_example():
         d = describe_example(e, cfg)
         expected += [e["instruction"], e["response"], d["instruction"], d["response"]]
     assert texts == expected
+
+
+def test_balanced_examples_takes_the_first_of_each_weighted_family_in_order():
+    from modeling_segcompass.data_synthetic import balanced_examples
+
+    cfg = build_tiny_cfg(
+        seed=3, family_weights={"attribute": 5.0, "relation": 1.0, "negation": 1.0}
+    )
+    chosen = balanced_examples(cfg, 6)
+    # independently: scan a pool far larger than needed, keep the first 6 of each family
+    expected, counts = [], {}
+    for e in generate_examples(cfg, 400):
+        if counts.get(e["family"], 0) < 6:
+            counts[e["family"]] = counts.get(e["family"], 0) + 1
+            expected.append(e["index"])
+    assert [e["index"] for e in chosen] == expected
+    assert sorted(counts) == ["attribute", "negation", "relation"] and set(counts.values()) == {6}
+    with pytest.raises(ValueError, match="per_family must be >= 1"):
+        balanced_examples(cfg, 0)
