@@ -57,6 +57,7 @@ from transformers import set_seed
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
 from modeling_segcompass.data_synthetic import (
+    COT_STYLES,
     FAMILIES,
     SyntheticWorldConfig,
     balanced_examples,
@@ -68,14 +69,14 @@ from modeling_segcompass.processing_segcompass import SegCompassProcessor
 from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer
 from modeling_segcompass.vlm_pretraining import image_dependence, pretrain_vlm
 
-MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 64  # the focused style; scene_first responses need up to 96
 
 
 # --------------------------------------------------------------------------- data
-def held_out_set(seed: int, per_family: int) -> list[dict[str, Any]]:
+def held_out_set(seed: int, per_family: int, cot_style: str = "focused") -> list[dict[str, Any]]:
     """`per_family` examples of each family from the world with seed `seed` + 1000, in
     generation order (`data_synthetic.balanced_examples`, as the learning check uses)."""
-    return balanced_examples(SyntheticWorldConfig(seed=seed + 1000), per_family)
+    return balanced_examples(SyntheticWorldConfig(seed=seed + 1000, cot_style=cot_style), per_family)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -107,6 +108,7 @@ def greedy_completions(
     examples: list[dict[str, Any]],
     *,
     batch_size: int = 32,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[str]:
     """Greedy completions of `model.vlm` (special tokens kept), one per example, in order."""
     was_training = model.training
@@ -125,7 +127,7 @@ def greedy_completions(
                 attention_mask=enc["attention_mask"],
                 pixel_values=enc["pixel_values"],
                 image_grid_thw=enc["image_grid_thw"],
-                max_new_tokens=MAX_NEW_TOKENS,
+                max_new_tokens=max_new_tokens,
                 do_sample=False,
             )
             # prompts are left-padded to one length: the completion starts right after it
@@ -149,7 +151,10 @@ def measure(
         "answer_exact": float, "answer_exact_by_family": {family: float},
         "description_exact": float, "samples": [2 greedy reasoning completions]}``.
     """
-    answers = greedy_completions(model, processor, held_out)
+    longest = max(len(processor.tokenizer(ex["response"])["input_ids"]) for ex in held_out)
+    answers = greedy_completions(
+        model, processor, held_out, max_new_tokens=max(MAX_NEW_TOKENS, longest + 8)
+    )
     answer_ok = [
         answer_phrase(out) is not None and answer_phrase(out) == answer_phrase(ex["response"])
         for out, ex in zip(answers, held_out, strict=True)
@@ -197,6 +202,12 @@ def main() -> None:
     add("--lr", type=float, default=3e-3, help="peak learning rate of both phases")
     add("--batch_size", type=int, default=32)
     add("--seed", type=int, default=0, help="world, model and batch-order seed")
+    add(
+        "--cot_style",
+        default="focused",
+        choices=COT_STYLES,
+        help="gold chain of thought: focused, or scene_first (the scene description first)",
+    )
     add("--train", type=int, default=6000, help="training examples (world seed --seed)")
     add("--held_out_per_family", type=int, default=20, help="x 7 families (world --seed + 1000)")
     add("--output", default=None, help="write every number to this JSON file")
@@ -216,9 +227,9 @@ def main() -> None:
 
     # ---- data, tokenizer, model (as examples/grpo_learning_check.py)
     set_seed(args.seed)
-    world = SyntheticWorldConfig(seed=args.seed)
+    world = SyntheticWorldConfig(seed=args.seed, cot_style=args.cot_style)
     train = generate_examples(world, args.train)
-    held_out = held_out_set(args.seed, args.held_out_per_family)
+    held_out = held_out_set(args.seed, args.held_out_per_family, args.cot_style)
     described_held_out = [describe_example(ex, world) for ex in held_out]
     tokenizer = build_tiny_tokenizer(
         list(iter_texts(world, min(args.train, 3000), descriptions=True)), vocab_size=1024

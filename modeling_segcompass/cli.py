@@ -383,6 +383,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         quick=args.quick,
         threads=args.threads,
+        cot_style=args.cot_style,
     )
     text = summary.to_text() if hasattr(summary, "to_text") else json.dumps(summary.to_dict())
     print(text)
@@ -1037,6 +1038,8 @@ def _data_options(parser: argparse.ArgumentParser, *, required: bool = True) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``segcompass`` (one subparser per command)."""
+    from .data_synthetic import COT_STYLES
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=_HelpFormatter,
@@ -1084,6 +1087,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1,
         help="torch threads (default 1: the tiny model's ops are too small to gain from more, "
         "and a second thread competing for a busy core made steps 7-19x slower)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--cot-style", default="focused", choices=COT_STYLES,
+        help="gold chain of thought of the synthetic world: 'focused' (straight to the relevant "
+        "shapes) or 'scene_first' (the whole scene described first, then the reasoning)",
     )  # fmt: skip
     demo.set_defaults(handler=cmd_demo)
 

@@ -82,6 +82,8 @@ SUPERLATIVES = ("largest", "smallest", "leftmost", "rightmost", "topmost", "bott
 SORT_SIDE = {"leftmost": "left", "rightmost": "right", "topmost": "top", "bottommost": "bottom"}
 # The instruction of the image-description task (`describe_example`).
 DESCRIBE_INSTRUCTION = "describe the shapes"
+# Styles of the gold chain of thought (`SyntheticWorldConfig.cot_style`).
+COT_STYLES = ("focused", "scene_first")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 # The explicit function-word table of the `function` family: instruction -> shape or colour.
@@ -144,6 +146,13 @@ class SyntheticWorldConfig:
     answer_prefix: str = ""
     """Words between `</think>` and the first `<REF_POS>` (upstream uses "Here are the K
     reference positions:"). Empty by default: constant filler only lengthens generation."""
+    cot_style: str = "focused"
+    """How the gold chain of thought starts. "focused": straight at the relevant candidates
+    (see the module docstring). "scene_first": first the whole scene as the image
+    description of `describe_example` ("scene : large red circle at top left , ... ."), then
+    the focused reasoning, which can then copy from that text instead of reading the image
+    again (negation drops its own listing of every shape, which the scene already gives).
+    The scenes, instructions and masks are the same for both styles."""
     seed: int = 0
     """Seed of the world; example i uses the generator seeded with (seed, i)."""
 
@@ -189,6 +198,8 @@ class SyntheticWorldConfig:
             raise ValueError(f"num_slots (K) must be in 1..8, got {self.num_slots}.")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}.")
+        if self.cot_style not in COT_STYLES:
+            raise ValueError(f"cot_style must be one of {COT_STYLES}, got {self.cot_style!r}.")
         unknown = [f for f in self.family_weights if f not in FAMILIES]
         if unknown or any(w < 0 for w in self.family_weights.values()):
             raise ValueError(
@@ -207,7 +218,16 @@ class SyntheticWorldConfig:
     def max_response_words(self) -> int:
         """Upper bound on the whitespace-separated words of any `response`: the CoT bound,
         the think tags, the answer prefix and the K `<REF_POS>` tokens."""
-        return MAX_COT_WORDS + 2 + len(self.answer_prefix.split()) + self.num_slots
+        return self.max_cot_words + 2 + len(self.answer_prefix.split()) + self.num_slots
+
+    @property
+    def max_cot_words(self) -> int:
+        """Upper bound on the words of any `cot`: `MAX_COT_WORDS` for the focused reasoning,
+        plus, with `cot_style="scene_first"`, the scene ("scene :", at most 6 words per
+        shape, the commas between them, ".")."""
+        if self.cot_style == "scene_first":
+            return MAX_COT_WORDS + 2 + 6 * self.max_objects + (self.max_objects - 1) + 1
+        return MAX_COT_WORDS
 
 
 @dataclass
@@ -689,8 +709,11 @@ def _instruction(query: dict[str, Any]) -> str:
     raise ValueError(f"Unknown family {family!r}; expected one of {FAMILIES}.")
 
 
-def _chain_of_thought(query: dict[str, Any], shapes: list[_Shape], targets: list[int]) -> str:
-    """Gold reasoning: candidates -> deciding comparison -> answer (see module docstring)."""
+def _chain_of_thought(
+    query: dict[str, Any], shapes: list[_Shape], targets: list[int], *, scene_first: bool = False
+) -> str:
+    """Gold reasoning: candidates -> deciding comparison -> answer (see module docstring).
+    With `scene_first` (the scene is listed before it), negation skips its own listing."""
     family, colour, kind = query["family"], query["colour"], query["kind"]
     answer = " , ".join(_name(shapes[i]) for i in targets) or "none"
 
@@ -741,10 +764,13 @@ def _chain_of_thought(query: dict[str, Any], shapes: list[_Shape], targets: list
         head = head.replace(" : ", f" from {SORT_SIDE[sup]} : ", 1)
         return f"{head} . answer : {answer}"
     if family == "negation":
-        every = " , ".join(_describe(s, colour=True, kind=True) for s in shapes)
         prop = f"a {kind}" if kind else colour
         odd = shapes[targets[0]]
-        return f"shapes : {every} . not {prop} : {odd.colour} {odd.kind} . answer : {answer}"
+        decision = f"not {prop} : {odd.colour} {odd.kind} . answer : {answer}"
+        if scene_first:
+            return decision
+        every = " , ".join(_describe(s, colour=True, kind=True) for s in shapes)
+        return f"shapes : {every} . {decision}"
     if family == "multi_object":
         return f"{_group_header(colour, kind)} : {NUMBER_WORDS[len(targets)]} . answer : {answer}"
     raise ValueError(f"Unknown family {family!r}; expected one of {FAMILIES}.")
@@ -785,9 +811,17 @@ def _build_scene(cfg: SyntheticWorldConfig, index: int) -> _Scene:
         named = targets + ([query["anchor_index"]] if query["anchor_index"] >= 0 else [])
         if not all(_clear_of_cell_border(shapes[i], cfg.image_size) for i in named):
             continue
+        scene_first = cfg.cot_style == "scene_first"
+        # The bound is checked on the focused CoT of either style, so that both styles keep
+        # the same scenes (the scene_first negation is shorter than the focused one).
         cot = _chain_of_thought(query, shapes, targets)
         if len(cot.split()) > MAX_COT_WORDS:
             continue
+        if scene_first:
+            scene_text = _description([_object_record(s) for s in shapes], cfg.image_size)
+            cot = f"scene : {scene_text} . " + _chain_of_thought(
+                query, shapes, targets, scene_first=True
+            )
         return _Scene(
             index=index,
             family=family,
@@ -827,7 +861,7 @@ def generate_example(config: SyntheticWorldConfig, index: int) -> dict[str, Any]
         image (PIL.Image.Image): RGB, image_size x image_size.
         instruction (str): the referring instruction, e.g. "the shape left of the red circle".
         family (str): one of `FAMILIES`.
-        cot (str): gold chain of thought (<= MAX_COT_WORDS words).
+        cot (str): gold chain of thought (<= `config.max_cot_words` words; see `cot_style`).
         response (str): "<think> {cot} </think> [answer_prefix] " + K x "<REF_POS>".
         masks (np.ndarray): (N, H, W) uint8 in {0, 1}, the N targets left to right; N = 0
             for no-target.
@@ -965,6 +999,7 @@ def word_vocabulary(config: SyntheticWorldConfig) -> list[str]:
     words: set[str] = {REF_TOKEN, THINK_START, THINK_END, ":", ",", ".", "answer", "none"}
     words |= set(config.answer_prefix.split())
     words |= {"the", "shape", "shapes", "all", "only", "that", "is", "not", "a", "it", "at"}
+    words |= {"scene"} if config.cot_style == "scene_first" else set()
     words |= {"means", "from", "of"} | set(SORT_SIDE.values())
     words |= set(DESCRIBE_INSTRUCTION.split())
     words |= set(config.colours) | set(config.kinds) | set(config.sizes)

@@ -215,6 +215,7 @@ def run_demo(
     seed: int = 0,
     quick: bool = False,
     threads: int | None = 1,
+    cot_style: str = "focused",
 ) -> DemoSummary:
     """Run the embedded default end to end within about `minutes` of wall time.
 
@@ -228,6 +229,8 @@ def run_demo(
             shared cores: 2.1 warm-up steps/s with 1 thread against 0.11-0.32 with 2 threads
             while another process used a core (threads spin-waiting for a busy core); the
             earlier 2-thread runs reached about 1.7 steps/s even on an idle machine.
+        cot_style: the gold chain of thought of the synthetic world
+            (`SyntheticWorldConfig.cot_style`): "focused" or "scene_first".
     """
     from transformers import set_seed
 
@@ -267,9 +270,11 @@ def run_demo(
     # 1. data and tokenizer
     num_train = 200 if quick else 6000
     per_family_held_out = 2 if quick else 40
-    world = SyntheticWorldConfig(seed=seed)
+    world = SyntheticWorldConfig(seed=seed, cot_style=cot_style)
     train = generate_examples(world, num_train)
-    held_out = balanced_examples(SyntheticWorldConfig(seed=seed + 1000), per_family_held_out)
+    held_out = balanced_examples(
+        SyntheticWorldConfig(seed=seed + 1000, cot_style=cot_style), per_family_held_out
+    )
     summary.num_train, summary.num_held_out = len(train), len(held_out)
     tokenizer = build_tiny_tokenizer(
         list(iter_texts(world, min(num_train, 3000), descriptions=True)),
@@ -277,7 +282,10 @@ def run_demo(
         save_dir=out / "tokenizer",
     )
     processor = SegCompassProcessor.tiny(tokenizer, num_slots=world.num_slots)
-    max_new_tokens = 64
+    # Room for the longest gold response and a few tokens more (DEMO_PROBE.md: a response
+    # cut short silently scores 0).
+    longest = max(len(tokenizer(ex["response"])["input_ids"]) for ex in train + held_out)
+    max_new_tokens = max(64, longest + 8)
     stage("data")
 
     # 2. tiny model

@@ -24,6 +24,7 @@ from modeling_segcompass.data_synthetic import (
     SyntheticWorldConfig,
     _cell_name,
     as_mask_array,
+    describe_example,
     build_dataset,
     draw_example,
     generate_example,
@@ -445,7 +446,7 @@ def test_as_mask_array_normalises_rows_and_refuses_wrong_sizes():
 
 
 def test_description_lists_every_object_left_to_right_with_its_cell(examples):
-    from modeling_segcompass.data_synthetic import DESCRIBE_INSTRUCTION, describe_example
+    from modeling_segcompass.data_synthetic import DESCRIBE_INSTRUCTION
 
     cfg = build_tiny_cfg(seed=7)
     vocabulary = set(word_vocabulary(cfg))
@@ -498,3 +499,33 @@ def test_balanced_examples_takes_the_first_of_each_weighted_family_in_order():
     assert sorted(counts) == ["attribute", "negation", "relation"] and set(counts.values()) == {6}
     with pytest.raises(ValueError, match="per_family must be >= 1"):
         balanced_examples(cfg, 0)
+
+
+def test_scene_first_style_prefixes_the_description_and_keeps_the_same_examples():
+    focused = generate_examples(build_tiny_cfg(seed=11), 140)
+    cfg = build_tiny_cfg(seed=11, cot_style="scene_first")
+    scene_first = generate_examples(cfg, 140)
+    vocabulary = set(word_vocabulary(cfg))
+    for a, b in zip(focused, scene_first, strict=True):
+        # the same scene, instruction and masks: only the chain of thought differs
+        assert (a["instruction"], a["family"], a["objects"]) == (
+            b["instruction"],
+            b["family"],
+            b["objects"],
+        )
+        assert np.array_equal(a["masks"], b["masks"])
+        scene = describe_example(b, cfg)["cot"]
+        assert b["cot"].startswith(f"scene : {scene} . ")
+        rest = b["cot"][len(f"scene : {scene} . ") :]
+        # the same answer; negation no longer repeats the listing of every shape
+        assert rest.rsplit("answer :", 1)[1] == a["cot"].rsplit("answer :", 1)[1]
+        if b["family"] == "negation":
+            assert a["cot"].startswith("shapes : ") and a["cot"].endswith(rest)
+        else:
+            assert rest == a["cot"]
+        assert len(b["cot"].split()) <= cfg.max_cot_words
+        assert len(b["response"].split()) <= cfg.max_response_words
+        assert set(b["response"].split()) <= vocabulary
+    assert cfg.max_cot_words > build_tiny_cfg().max_cot_words == MAX_COT_WORDS
+    with pytest.raises(ValueError, match="cot_style"):
+        build_tiny_cfg(cot_style="scene")
