@@ -76,7 +76,9 @@ MAX_NEW_TOKENS = 64  # the focused style; scene_first responses need up to 96
 def held_out_set(seed: int, per_family: int, cot_style: str = "focused") -> list[dict[str, Any]]:
     """`per_family` examples of each family from the world with seed `seed` + 1000, in
     generation order (`data_synthetic.balanced_examples`, as the learning check uses)."""
-    return balanced_examples(SyntheticWorldConfig(seed=seed + 1000, cot_style=cot_style), per_family)
+    return balanced_examples(
+        SyntheticWorldConfig(seed=seed + 1000, cot_style=cot_style), per_family
+    )
 
 
 # --------------------------------------------------------------------------- scoring
