@@ -1089,9 +1089,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and a second thread competing for a busy core made steps 7-19x slower)",
     )  # fmt: skip
     demo.add_argument(
-        "--cot-style", default="focused", choices=COT_STYLES,
-        help="gold chain of thought of the synthetic world: 'focused' (straight to the relevant "
-        "shapes) or 'scene_first' (the whole scene described first, then the reasoning)",
+        "--cot-style", default="scene_first", choices=COT_STYLES,
+        help="gold chain of thought of the synthetic world: 'scene_first' (the whole scene "
+        "described first, then the reasoning) or 'focused' (straight to the relevant shapes)",
     )  # fmt: skip
     demo.set_defaults(handler=cmd_demo)
 
