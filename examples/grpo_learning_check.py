@@ -252,6 +252,8 @@ def main() -> None:
         help="confidence loss on the sampled completions")  # fmt: skip
     add("--mask_loss_completions", default="above_group_mean", choices=("all", "above_group_mean"),
         help="which completions carry the mask loss when its weights are > 0")  # fmt: skip
+    add("--conf_loss_completions", default="all", choices=("all", "not_below_group_mean"),
+        help="which completions carry the confidence loss")  # fmt: skip
     add("--control_lr", type=float, default=3e-4, help="constant lr of the continued SFT")
     add("--control_seconds", type=float, default=None,
         help="control training CPU seconds (default: the GRPO arm's measured CPU time)")  # fmt: skip
@@ -358,6 +360,7 @@ def main() -> None:
             temperature=args.temperature, seg_loss_weight=args.seg_loss_weight,
             conf_loss_weight=args.conf_loss_weight,
             mask_loss_completions=args.mask_loss_completions,
+            conf_loss_completions=args.conf_loss_completions,
             module_lr_multipliers=args.grpo_multipliers or None, use_cpu=True, bf16=False,
             report_to=[], save_strategy="no", logging_steps=5, disable_tqdm=True, seed=args.seed,
         )  # fmt: skip

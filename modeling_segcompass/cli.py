@@ -627,6 +627,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
         seg_loss_weight=args.seg_loss_weight,
         conf_loss_weight=args.conf_loss_weight,
         mask_loss_completions=args.mask_loss_completions,
+        conf_loss_completions=args.conf_loss_completions,
         module_lr_multipliers=multipliers,
         logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps else "no",
@@ -1210,6 +1211,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-loss-completions", choices=("all", "above_group_mean"), default="all",
         help="completions that carry the segmentation loss: all (the paper), or only those "
         "whose reward beats their group's mean (docs/grpo.md)",
+    )  # fmt: skip
+    grpo.add_argument(
+        "--conf-loss-completions", choices=("all", "not_below_group_mean"), default="all",
+        help="completions that carry the confidence loss: all (the paper), or only those whose "
+        "reward is not below their group's mean (docs/grpo.md)",
     )  # fmt: skip
     grpo.add_argument(
         "--save-steps", type=int, default=0,

@@ -93,6 +93,8 @@ _MASK_REWARDS: dict[str, Callable[..., list[float | None]]] = {
 }
 #: Choices of `SegCompassGRPOConfig.mask_loss_completions`.
 _MASK_LOSS_COMPLETIONS = ("all", "above_group_mean")
+#: Choices of `SegCompassGRPOConfig.conf_loss_completions`.
+_CONF_LOSS_COMPLETIONS = ("all", "not_below_group_mean")
 
 
 # --------------------------------------------------------------------------- config
@@ -163,6 +165,17 @@ class SegCompassGRPOConfig(GRPOConfig):
             "completion, else no-target rows, whose completions often tie, would drop out of "
             "it). With a policy that mostly names the wrong object, 'all' teaches the mask "
             "path to segment the target whatever the text says (docs/grpo.md)."
+        },
+    )
+    conf_loss_completions: str = field(
+        default="all",
+        metadata={
+            "help": "Which sampled completions carry the confidence loss: 'all' (the paper) or "
+            "'not_below_group_mean' (advantage >= 0: completions that tie with their group, "
+            "such as a no-target group that all says 'none', stay in). On every completion, "
+            "a completion that says 'none' where the gold has an object teaches the "
+            "confidence head to disregard a 'none' in the text, and no-target recall fell "
+            "(docs/grpo.md)."
         },
     )
     mask_loss_in_policy_forward: bool = field(
@@ -236,6 +249,11 @@ class SegCompassGRPOConfig(GRPOConfig):
                 raise ValueError(
                     f"SegCompassGRPOConfig.module_lr_multipliers must be >= 0; got {bad}."
                 )
+        if self.conf_loss_completions not in _CONF_LOSS_COMPLETIONS:
+            raise ValueError(
+                "SegCompassGRPOConfig.conf_loss_completions must be one of "
+                f"{_CONF_LOSS_COMPLETIONS}; got {self.conf_loss_completions!r}."
+            )
 
 
 # --------------------------------------------------------------------------- data
@@ -971,6 +989,8 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         conf = out.conf_loss if out.conf_loss is not None else zero
         if self.args.mask_loss_completions == "above_group_mean":
             seg = self._seg_loss_above_group_mean(model, out, targets, inputs)
+        if self.args.conf_loss_completions == "not_below_group_mean":
+            conf = self._conf_loss_not_below_group_mean(model, out, targets, inputs)
         sae = out.sae_loss if out.sae_loss is not None else zero
         mask_loss = self.args.seg_loss_weight * seg + self.args.conf_loss_weight * conf
         mask_loss = mask_loss + sae_weight * sae
@@ -1002,14 +1022,33 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if not keep.any():
             # no completion beats its group: keep the heads in the graph with a zero loss
             return out.mask_logits.sum() * 0.0
+        return self._losses_of_rows(model, out, targets, keep).seg_loss
+
+    def _conf_loss_not_below_group_mean(self, model, out, targets, inputs):
+        """The confidence loss of the completions with advantage >= 0 only (0 if none).
+
+        Ties stay in: a no-target group whose completions all say "none" (advantage 0) keeps
+        teaching "no object". Out go the completions that did worse than their group, such
+        as a "none" where the gold has an object, which would teach the head that a "none"
+        in the text means nothing."""
+        keep = inputs["advantages"].reshape(-1) >= 0  # (B,)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["conf_loss_fraction"].append(
+            self.accelerator.gather(keep.float().mean().reshape(1)).mean().item()
+        )
+        if not keep.any():
+            return out.conf_logits.sum() * 0.0
+        return self._losses_of_rows(model, out, targets, keep).conf_loss
+
+    def _losses_of_rows(self, model, out, targets: SegmentationTargets, keep: torch.Tensor):
+        """`segmentation_loss` of the forward's rows where `keep` (B,) is True."""
         unwrapped = _unwrap_peft(self.accelerator.unwrap_model(model))
         valid = None if targets.valid_mask is None else targets.valid_mask[keep]
         iou = None if out.iou_scores is None else out.iou_scores[keep]
-        part = unwrapped.segmentation_loss(
+        return unwrapped.segmentation_loss(
             out.heatmap_logits[keep], out.mask_logits[keep], out.conf_logits[keep], iou,
             targets.gt_masks[keep], targets.num_objects[keep], valid,
         )  # fmt: skip
-        return part.seg_loss
 
     def _mask_forward(self, model, inputs, targets: SegmentationTargets):
         """The reference-style second pass: the whole forward again, for the mask loss only."""

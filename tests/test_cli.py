@@ -424,11 +424,13 @@ def test_grpo_mask_loss_completions_reaches_the_trainer(capsys, model_dir, tmp_p
         "--steps", "1", "--batch-size", "4", "--num-generations", "2",
         "--max-completion-length", "6", "--no-progress", "--device", "cpu",
         "--mask-loss-completions", "above_group_mean",
+        "--conf-loss-completions", "not_below_group_mean",
     )  # fmt: skip
     assert code == 0, err
     log = json.loads((out_dir / "training_log.json").read_text())
-    fractions = [entry["mask_loss_fraction"] for entry in log if "mask_loss_fraction" in entry]
-    assert fractions and all(0.0 <= f <= 1.0 for f in fractions)
+    for name in ("mask_loss_fraction", "conf_loss_fraction"):
+        fractions = [entry[name] for entry in log if name in entry]
+        assert fractions and all(0.0 <= f <= 1.0 for f in fractions), name
 
 
 def test_grpo_resume_continues_the_stopped_run(capsys, model_dir, tmp_path):

@@ -372,6 +372,53 @@ def test_mask_loss_above_group_mean_counts_only_completions_that_beat_their_grou
     torch.testing.assert_close(none_kept, plain + 0.2 * every.conf_loss)
 
 
+def test_conf_loss_not_below_group_mean_drops_only_completions_below_their_group(world, tmp_path):
+    """conf_loss_completions='not_below_group_mean': the confidence loss is that of a forward
+    on the advantage >= 0 rows (ties stay in), the segmentation loss stays every row's."""
+    processor, _, dataset = world
+    model = tiny_model(processor).train()
+    weights = {"seg_loss_weight": 1.0, "conf_loss_weight": 0.2, "sae_loss_weight": 0.0}
+    trainer = SegCompassGRPOTrainer(
+        model=model,
+        args=grpo_args(tmp_path, conf_loss_completions="not_below_group_mean", **weights),
+        train_dataset=dataset, processing_class=processor,
+    )  # fmt: skip
+    batch = scored_batch(trainer, dataset, [0.0, -1.0, 0.5, -0.5])  # rows 0 (a tie) and 2 stay
+    total = trainer._compute_loss(model, batch).detach()
+    trainer.args.seg_loss_weight = trainer.args.conf_loss_weight = 0.0
+    policy = trainer._compute_loss(model, batch).detach()
+    keep = torch.tensor([0, 2])
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    patches = batch["pixel_values"].shape[0] // 4
+    pixels = torch.cat([batch["pixel_values"][r * patches : (r + 1) * patches] for r in (0, 2)])
+    with torch.no_grad():
+        kept = model(
+            input_ids=ids[keep], attention_mask=attention[keep], pixel_values=pixels,
+            image_grid_thw=batch["image_grid_thw"][keep],
+            sam_pixel_values=batch["sam_pixel_values"][keep], gt_masks=batch["gt_masks"][keep],
+            num_objects=batch["num_objects"][keep], valid_mask=batch["valid_mask"][keep],
+        )  # fmt: skip
+        every = model(
+            input_ids=ids, attention_mask=attention, pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"], sam_pixel_values=batch["sam_pixel_values"],
+            gt_masks=batch["gt_masks"], num_objects=batch["num_objects"],
+            valid_mask=batch["valid_mask"],
+        )  # fmt: skip
+    assert not torch.isclose(kept.conf_loss, every.conf_loss)  # the check can tell them apart
+    torch.testing.assert_close(total, policy + every.seg_loss + 0.2 * kept.conf_loss)
+    assert trainer._metrics["train"]["conf_loss_fraction"][0] == 0.5
+    # every completion below its group's mean: no confidence loss is left
+    trainer.args.seg_loss_weight, trainer.args.conf_loss_weight = 1.0, 0.2
+    batch["advantages"] = torch.tensor([-0.1, -1.0, -0.2, -0.5])
+    none_kept = trainer._compute_loss(model, batch).detach()
+    trainer.args.seg_loss_weight = trainer.args.conf_loss_weight = 0.0
+    plain = trainer._compute_loss(model, batch).detach()
+    torch.testing.assert_close(none_kept, plain + every.seg_loss)
+    with pytest.raises(ValueError, match="conf_loss_completions"):
+        grpo_args(tmp_path, conf_loss_completions="best")
+
+
 # --------------------------------------------------------------------------- training
 def test_grpo_steps_change_every_trainable_parameter(world, tmp_path):
     processor, _, dataset = world
