@@ -45,6 +45,7 @@ take about 8 min in all (each measurement about 3 s).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -204,6 +205,7 @@ def main() -> None:
     add("--lr", type=float, default=3e-3, help="peak learning rate of both phases")
     add("--batch_size", type=int, default=32)
     add("--seed", type=int, default=0, help="world, model and batch-order seed")
+    add("--text_layers", type=int, default=0, help="language-model layers (0: the tiny 2)")
     add(
         "--cot_style",
         default="focused",
@@ -217,6 +219,8 @@ def main() -> None:
     for flag in ("description_steps", "reasoning_steps"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag} must be >= 0 (0 skips the phase), got {getattr(args, flag)}.")
+    if args.text_layers < 0:
+        parser.error(f"--text_layers must be >= 0 (0 keeps the tiny 2), got {args.text_layers}.")
     for flag in ("batch_size", "train", "held_out_per_family"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
@@ -238,6 +242,13 @@ def main() -> None:
     )
     processor = SegCompassProcessor.tiny(tokenizer, num_slots=world.num_slots)
     config = SegCompassConfig.tiny(vocab_size=len(tokenizer), num_slots=world.num_slots)
+    if args.text_layers:
+        vlm = config.vlm_config
+        vlm = copy.deepcopy(vlm if isinstance(vlm, dict) else vlm.to_dict())
+        vlm["text_config"]["num_hidden_layers"] = args.text_layers
+        config = SegCompassConfig.tiny(
+            vocab_size=len(tokenizer), num_slots=world.num_slots, vlm_config=vlm
+        )
     torch.manual_seed(args.seed)
     model = SegCompassForReasoningSegmentation(config)
     stamp(
