@@ -246,6 +246,7 @@ def main() -> None:
         vlm = config.vlm_config
         vlm = copy.deepcopy(vlm if isinstance(vlm, dict) else vlm.to_dict())
         vlm["text_config"]["num_hidden_layers"] = args.text_layers
+        vlm["text_config"].pop("layer_types", None)  # rebuilt for the new depth
         config = SegCompassConfig.tiny(
             vocab_size=len(tokenizer), num_slots=world.num_slots, vlm_config=vlm
         )
