@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from modeling_segcompass.losses import compute_segmentation_loss
 from modeling_segcompass.modeling_segcompass import (
     SegCompassForReasoningSegmentation,
     gather_ref_hidden_states,
@@ -272,23 +271,11 @@ def reference_loss(
             "reference_loss: set sae_reconstruction_weight=0 to compare losses; upstream's "
             f"actor loss has no SAE term (got {cfg.sae_reconstruction_weight})."
         )
-    seg = compute_segmentation_loss(
-        heatmap_logits=output.heatmap_logits,
-        mask_logits=output.mask_logits,
-        conf_logits=output.conf_logits,
-        gt_masks=gt_masks.to(output.mask_logits.dtype),
-        num_objects=num_objects,
-        valid_mask=valid_mask,
-        heatmap_bce_weight=cfg.heatmap_bce_weight,
-        heatmap_dice_weight=cfg.heatmap_dice_weight,
-        mask_dice_weight=cfg.mask_dice_weight,
-        mask_focal_weight=cfg.mask_focal_weight,
-        focal_alpha=cfg.focal_alpha,
-        focal_gamma=cfg.focal_gamma,
-        iou_predictions=output.iou_scores,
-        iou_loss_weight=cfg.iou_loss_weight,
-        order_prior=cfg.slot_order_prior,  # the package's matching cost (tiny presets: 1.0)
-    )
+    # the package's loss with the config's weights and matching cost (tiny presets: order prior 1)
+    seg = model.segmentation_loss(
+        output.heatmap_logits, output.mask_logits, output.conf_logits, output.iou_scores,
+        gt_masks, num_objects, valid_mask,
+    )  # fmt: skip
     lm = model._lm_loss(labels, logits=output.logits)
     return (
         cfg.lm_loss_weight * lm

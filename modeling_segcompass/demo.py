@@ -287,7 +287,7 @@ def run_demo(
     processor = SegCompassProcessor.tiny(tokenizer, num_slots=world.num_slots)
     # Room for the longest gold response and a few tokens more (DEMO_PROBE.md: a response
     # cut short silently scores 0).
-    longest = max(len(tokenizer(ex["response"])["input_ids"]) for ex in train + held_out)
+    longest = max(map(len, tokenizer([ex["response"] for ex in train + held_out])["input_ids"]))
     max_new_tokens = max(64, longest + 8)
     stage("data")
 

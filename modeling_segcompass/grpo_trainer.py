@@ -228,6 +228,11 @@ class SegCompassGRPOConfig(GRPOConfig):
                 "SegCompassGRPOConfig.mask_loss_completions must be one of "
                 f"{_MASK_LOSS_COMPLETIONS}; got {self.mask_loss_completions!r}."
             )
+        if self.conf_loss_completions not in _CONF_LOSS_COMPLETIONS:
+            raise ValueError(
+                "SegCompassGRPOConfig.conf_loss_completions must be one of "
+                f"{_CONF_LOSS_COMPLETIONS}; got {self.conf_loss_completions!r}."
+            )
         if self.mask_reward not in _MASK_REWARDS:
             raise ValueError(
                 f"SegCompassGRPOConfig.mask_reward must be one of {sorted(_MASK_REWARDS)}; got "
@@ -249,11 +254,6 @@ class SegCompassGRPOConfig(GRPOConfig):
                 raise ValueError(
                     f"SegCompassGRPOConfig.module_lr_multipliers must be >= 0; got {bad}."
                 )
-        if self.conf_loss_completions not in _CONF_LOSS_COMPLETIONS:
-            raise ValueError(
-                "SegCompassGRPOConfig.conf_loss_completions must be one of "
-                f"{_CONF_LOSS_COMPLETIONS}; got {self.conf_loss_completions!r}."
-            )
 
 
 # --------------------------------------------------------------------------- data
@@ -987,10 +987,22 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         zero = loss.new_zeros(())
         seg = out.seg_loss if out.seg_loss is not None else zero
         conf = out.conf_loss if out.conf_loss is not None else zero
+        advantages = inputs["advantages"].reshape(-1)  # (B,); TRL's policy loss needs it too
         if self.args.mask_loss_completions == "above_group_mean":
-            seg = self._seg_loss_above_group_mean(model, out, targets, inputs)
+            # Only the segmentation term: with the confidence loss restricted the same way,
+            # no-target prompts whose completions all say "none" tie (advantage 0) and drop
+            # out, and no-target recall collapsed (demo, seed 1: N-acc 90% -> 0%).
+            seg = self._loss_of_completions(
+                model, out, targets, advantages > 0, "seg_loss", "mask_loss_fraction"
+            )
         if self.args.conf_loss_completions == "not_below_group_mean":
-            conf = self._conf_loss_not_below_group_mean(model, out, targets, inputs)
+            # Ties stay in (a no-target group that all says "none" keeps teaching "no
+            # object"); out go the completions that did worse than their group, such as a
+            # "none" where the gold has an object, which would teach the head that a "none"
+            # in the text means nothing.
+            conf = self._loss_of_completions(
+                model, out, targets, advantages >= 0, "conf_loss", "conf_loss_fraction"
+            )
         sae = out.sae_loss if out.sae_loss is not None else zero
         mask_loss = self.args.seg_loss_weight * seg + self.args.conf_loss_weight * conf
         mask_loss = mask_loss + sae_weight * sae
@@ -1007,48 +1019,25 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         )
         return loss
 
-    def _seg_loss_above_group_mean(self, model, out, targets, inputs):
-        """The segmentation loss of the completions with advantage > 0 only (0 if none).
-
-        Only the segmentation term: the confidence loss stays on every completion. A
-        no-target prompt whose completions all say "none" ties (advantage 0 everywhere), so
-        restricting the confidence loss too would train it almost only on "an object is
-        there" and no-target recall collapsed (demo, seed 1: N-acc 90% -> 0%)."""
-        keep = inputs["advantages"].reshape(-1) > 0  # (B,)
+    def _loss_of_completions(self, model, out, targets, keep, term: str, metric: str):
+        """`term` ("seg_loss" or "conf_loss") of `segmentation_loss` on the forward's rows
+        where `keep` (B,) is True, 0 (in the graph) when none is; logs the kept share as
+        `metric`."""
         metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["mask_loss_fraction"].append(
+        metrics[metric].append(
             self.accelerator.gather(keep.float().mean().reshape(1)).mean().item()
         )
         if not keep.any():
-            # no completion beats its group: keep the heads in the graph with a zero loss
-            return out.mask_logits.sum() * 0.0
-        return self._losses_of_rows(model, out, targets, keep).seg_loss
-
-    def _conf_loss_not_below_group_mean(self, model, out, targets, inputs):
-        """The confidence loss of the completions with advantage >= 0 only (0 if none).
-
-        Ties stay in: a no-target group whose completions all say "none" (advantage 0) keeps
-        teaching "no object". Out go the completions that did worse than their group, such
-        as a "none" where the gold has an object, which would teach the head that a "none"
-        in the text means nothing."""
-        keep = inputs["advantages"].reshape(-1) >= 0  # (B,)
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["conf_loss_fraction"].append(
-            self.accelerator.gather(keep.float().mean().reshape(1)).mean().item()
-        )
-        if not keep.any():
-            return out.conf_logits.sum() * 0.0
-        return self._losses_of_rows(model, out, targets, keep).conf_loss
-
-    def _losses_of_rows(self, model, out, targets: SegmentationTargets, keep: torch.Tensor):
-        """`segmentation_loss` of the forward's rows where `keep` (B,) is True."""
+            logits = out.mask_logits if term == "seg_loss" else out.conf_logits
+            return logits.sum() * 0.0
         unwrapped = _unwrap_peft(self.accelerator.unwrap_model(model))
         valid = None if targets.valid_mask is None else targets.valid_mask[keep]
         iou = None if out.iou_scores is None else out.iou_scores[keep]
-        return unwrapped.segmentation_loss(
+        part = unwrapped.segmentation_loss(
             out.heatmap_logits[keep], out.mask_logits[keep], out.conf_logits[keep], iou,
             targets.gt_masks[keep], targets.num_objects[keep], valid,
         )  # fmt: skip
+        return getattr(part, term)
 
     def _mask_forward(self, model, inputs, targets: SegmentationTargets):
         """The reference-style second pass: the whole forward again, for the mask loss only."""

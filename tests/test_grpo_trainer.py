@@ -325,6 +325,25 @@ def test_mask_loss_comes_from_the_policy_forward(world, tmp_path):
     assert metrics["mask_loss"][2] == 0.0  # all weights 0
 
 
+def forward_rows(model, batch, rows):
+    """A plain no-grad forward (with the mask targets) of the scored batch's `rows` alone;
+    every row when `rows` is None."""
+    rows = list(range(batch["prompt_ids"].shape[0])) if rows is None else rows
+    index = torch.tensor(rows)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)[index]
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)[index]
+    patches = batch["pixel_values"].shape[0] // batch["prompt_ids"].shape[0]
+    pixels = torch.cat([batch["pixel_values"][r * patches : (r + 1) * patches] for r in rows])
+    with torch.no_grad():
+        return model(
+            input_ids=ids, attention_mask=attention, pixel_values=pixels,
+            image_grid_thw=batch["image_grid_thw"][index],
+            sam_pixel_values=batch["sam_pixel_values"][index],
+            gt_masks=batch["gt_masks"][index], num_objects=batch["num_objects"][index],
+            valid_mask=batch["valid_mask"][index],
+        )  # fmt: skip
+
+
 def test_mask_loss_above_group_mean_counts_only_completions_that_beat_their_group(world, tmp_path):
     """mask_loss_completions='above_group_mean': the segmentation loss is that of a forward
     on the advantage > 0 rows alone (0 with no such row); the confidence loss is every row's."""
@@ -340,26 +359,7 @@ def test_mask_loss_above_group_mean_counts_only_completions_that_beat_their_grou
     total = trainer._compute_loss(model, batch).detach()
     trainer.args.seg_loss_weight = trainer.args.conf_loss_weight = 0.0
     policy = trainer._compute_loss(model, batch).detach()
-    keep = torch.tensor([0, 2])
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)[keep]
-    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)[keep]
-    patches = batch["pixel_values"].shape[0] // 4
-    pixels = torch.cat([batch["pixel_values"][r * patches : (r + 1) * patches] for r in (0, 2)])
-    every_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    every_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    with torch.no_grad():
-        out = model(
-            input_ids=ids, attention_mask=attention, pixel_values=pixels,
-            image_grid_thw=batch["image_grid_thw"][keep],
-            sam_pixel_values=batch["sam_pixel_values"][keep], gt_masks=batch["gt_masks"][keep],
-            num_objects=batch["num_objects"][keep], valid_mask=batch["valid_mask"][keep],
-        )  # fmt: skip
-        every = model(
-            input_ids=every_ids, attention_mask=every_mask, pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"], sam_pixel_values=batch["sam_pixel_values"],
-            gt_masks=batch["gt_masks"], num_objects=batch["num_objects"],
-            valid_mask=batch["valid_mask"],
-        )  # fmt: skip
+    out, every = forward_rows(model, batch, [0, 2]), forward_rows(model, batch, None)
     assert not torch.isclose(out.conf_loss, every.conf_loss)  # the check can tell them apart
     torch.testing.assert_close(total, policy + out.seg_loss + 0.2 * every.conf_loss)
     assert trainer._metrics["train"]["mask_loss_fraction"][0] == 0.5
@@ -387,24 +387,7 @@ def test_conf_loss_not_below_group_mean_drops_only_completions_below_their_group
     total = trainer._compute_loss(model, batch).detach()
     trainer.args.seg_loss_weight = trainer.args.conf_loss_weight = 0.0
     policy = trainer._compute_loss(model, batch).detach()
-    keep = torch.tensor([0, 2])
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    patches = batch["pixel_values"].shape[0] // 4
-    pixels = torch.cat([batch["pixel_values"][r * patches : (r + 1) * patches] for r in (0, 2)])
-    with torch.no_grad():
-        kept = model(
-            input_ids=ids[keep], attention_mask=attention[keep], pixel_values=pixels,
-            image_grid_thw=batch["image_grid_thw"][keep],
-            sam_pixel_values=batch["sam_pixel_values"][keep], gt_masks=batch["gt_masks"][keep],
-            num_objects=batch["num_objects"][keep], valid_mask=batch["valid_mask"][keep],
-        )  # fmt: skip
-        every = model(
-            input_ids=ids, attention_mask=attention, pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"], sam_pixel_values=batch["sam_pixel_values"],
-            gt_masks=batch["gt_masks"], num_objects=batch["num_objects"],
-            valid_mask=batch["valid_mask"],
-        )  # fmt: skip
+    kept, every = forward_rows(model, batch, [0, 2]), forward_rows(model, batch, None)
     assert not torch.isclose(kept.conf_loss, every.conf_loss)  # the check can tell them apart
     torch.testing.assert_close(total, policy + every.seg_loss + 0.2 * kept.conf_loss)
     assert trainer._metrics["train"]["conf_loss_fraction"][0] == 0.5
