@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+# Wall-clock budget of `make demo` in minutes (`make demo DEMO_MINUTES=1` for a short run).
+DEMO_MINUTES ?= 14
 
 .PHONY: install test demo bench lint clean
 
@@ -26,7 +28,7 @@ lint: install
 	$(VENV)/bin/ruff format --check modeling_segcompass tests examples benchmarks
 
 demo: install
-	$(PY) -m modeling_segcompass.cli demo --output-dir demo_output
+	$(PY) -m modeling_segcompass.cli demo --output-dir demo_output --minutes $(DEMO_MINUTES)
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -57,17 +57,28 @@ class DemoSummary:
         return asdict(self)
 
     def to_text(self) -> str:
+        """The summary as Markdown: what `segcompass demo` prints and writes to summary.md."""
+
         def table(name: str, result: dict[str, Any]) -> str:
             return f"### {name}\n\n{result.get('table', '(not run)')}\n"
 
+        steps = (
+            f"VLM pretraining {self.vlm_pretraining.get('steps', 0)}, "
+            f"supervised warm-up {self.sft_steps}, GRPO {self.grpo_steps}"
+        )
         lines = [
-            f"SegCompass demo finished in {self.wall_time_s / 60:.1f} min -> {self.output_dir}",
-            "stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.stage_times_s.items()),
-            f"train {self.num_train} / held-out {self.num_held_out} examples; "
-            f"VLM pretraining {self.vlm_pretraining.get('steps', 0)} steps, "
-            f"SFT {self.sft_steps} steps, GRPO {self.grpo_steps} steps",
-            _dependence_line(self.image_dependence),
-            f"SAE: {self.sae}",
+            "# SegCompass demo summary",
+            "",
+            f"- wall time: {self.wall_time_s / 60:.1f} min ({self.wall_time_s:.0f} s)",
+            f"- output folder: {self.output_dir}",
+            "- stage times (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in self.stage_times_s.items()),
+            f"- steps per stage: {steps}",
+            f"- data: train {self.num_train} / held-out {self.num_held_out} examples",
+            f"- {_dependence_line(self.image_dependence)}",
+            f"- SAE: {self.sae}",
+            "",
+            "## Held-out evaluation",
             "",
             table(
                 "oracle-CoT after warm-up (gold reasoning teacher-forced)", self.oracle_cot_warmup
@@ -76,9 +87,29 @@ class DemoSummary:
             table("end-to-end after warm-up (model's own reasoning)", self.end_to_end_warmup),
             table("end-to-end after GRPO (the headline)", self.end_to_end),
             f"answer phrase correct (end-to-end): {self.answer_phrase_accuracy}",
-            f"reloaded from the Hub-ready folder: {self.reload_check}",
+            "",
+            "## Reload of the Hub-ready folder in a fresh process (package hidden)",
+            "",
+            _reload_lines(self.reload_check),
         ]
         return "\n".join(lines)
+
+
+def _reload_lines(result: dict[str, Any]) -> str:
+    if not result:
+        return "- reload: (not run)"
+    if not result.get("ok", False):
+        return f"- reload: FAILED\n\n```\n{result.get('error', '')}\n```"
+    return "\n".join(
+        [
+            "- reload: ok",
+            f"- loaded class: {result.get('class_module')}",
+            f"- instruction: {result.get('instruction')!r}",
+            f"- reasoning: {result.get('text')!r}",
+            f"- masks: {result.get('num_masks')}, reason: {result.get('reason')}, "
+            f"IoU with the gold mask: {result.get('iou')}",
+        ]
+    )
 
 
 def _dependence_line(result: dict[str, float]) -> str:
@@ -520,9 +551,17 @@ def run_demo(
     )
     example = held_out[0]
     example["image"].save(out / "reload_example.png")
-    summary.reload_check = _reload_in_fresh_process(
-        export_dir, out / "reload_example.png", example["instruction"], max_new_tokens
-    )
+    try:
+        summary.reload_check = _reload_in_fresh_process(
+            export_dir, out / "reload_example.png", example["instruction"], max_new_tokens
+        )
+    except (RuntimeError, OSError, ValueError) as error:
+        # Keep what the run measured: the summary records the failure, then the demo fails.
+        summary.reload_check = {"ok": False, "error": str(error)}
+        summary.wall_time_s = round(time.time() - start, 1)
+        _write_summary(summary, out)
+        raise
+    summary.reload_check["ok"] = True
     gt = as_mask_array(example["masks"], example["image"].size[1]).astype(bool).any(0)
     pred = np.asarray(summary.reload_check.pop("mask"), dtype=bool)
     union = np.logical_or(pred, gt).sum()
@@ -539,9 +578,16 @@ def run_demo(
         "concept_labels": str(labels_path),
         "reloaded_prediction": str(out / "reloaded_prediction.png"),
     }
+    summary.files["summary"] = str(out / "summary.md")
     summary.wall_time_s = round(time.time() - start, 1)
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1, default=str))
+    _write_summary(summary, out)
     return summary
+
+
+def _write_summary(summary: DemoSummary, out: Path) -> None:
+    """summary.json (every figure) and summary.md (what the CLI prints) in the output folder."""
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1, default=str))
+    (out / "summary.md").write_text(summary.to_text() + "\n", encoding="utf-8")
 
 
 _RELOAD_SCRIPT = """
@@ -578,6 +624,14 @@ def _reload_in_fresh_process(
     import subprocess
     import sys
 
+    # The child runs in `folder` (so the package in the caller's working directory cannot be
+    # imported from there), so relative paths must be made absolute first: a relative folder
+    # name that names no folder from the child's directory is taken for a Hub repo id.
+    folder, image_path = Path(folder).resolve(), Path(image_path).resolve()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"demo: {folder} holds no config.json; export the model there before reloading it."
+        )
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
     done = subprocess.run(
         [sys.executable, "-c", _RELOAD_SCRIPT, str(folder), str(image_path), instruction,

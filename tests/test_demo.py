@@ -31,7 +31,9 @@ def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path):
     hub = tmp_path / "demo" / "hub_model"
     assert (hub / "model.safetensors").exists() and (hub / "README.md").exists()
     assert (hub / "concept_labels.json").exists()
-    assert "SegCompass demo finished" in summary.to_text()
+    text = summary.to_text()
+    assert "# SegCompass demo summary" in text and "- reload: ok" in text
+    assert (tmp_path / "demo" / "summary.md").read_text().strip() == text.strip()
 
 
 def test_time_schedule_warms_up_by_steps_then_decays_on_wall_time(monkeypatch):
@@ -65,3 +67,54 @@ def test_time_schedule_warms_up_by_steps_then_decays_on_wall_time(monkeypatch):
     logs = {"learning_rate": 123.0}
     callback.on_log(None, state, None, logs=logs)
     assert logs["learning_rate"] == 0.1
+
+
+def test_reload_step_takes_a_relative_output_folder_from_another_working_directory(
+    tmp_path, monkeypatch
+):
+    """`make demo` passes the relative `demo_output`; the reload child runs inside the exported
+    folder, so a relative path must not reach it as-is (it would be looked up on the Hub)."""
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+    from modeling_segcompass.demo import DemoSummary, _reload_in_fresh_process, _write_summary
+    from modeling_segcompass.hub import export
+    from tests.helpers import build_tiny_tokenizer_and_processor
+
+    tokenizer, processor = build_tiny_tokenizer_and_processor(num_slots=3)
+    torch.manual_seed(0)
+    model = SegCompassForReasoningSegmentation(SegCompassConfig.tiny(vocab_size=len(tokenizer)))
+    workdir = tmp_path / "elsewhere"
+    (workdir / "demo_output").mkdir(parents=True)
+    monkeypatch.chdir(workdir)
+    export(model.eval(), processor, Path("demo_output/hub_model"), repo_id="local/x", toy=True)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save("demo_output/example.png")
+
+    result = _reload_in_fresh_process(
+        Path("demo_output/hub_model"), Path("demo_output/example.png"), "the red square", 6
+    )
+    assert result["class_module"].startswith("transformers_modules.")
+    assert result["instruction"] == "the red square"
+    assert len(result["mask"]) == 32 and len(result["mask"][0]) == 32
+
+    # The summary records the reload in summary.md, as `.ci/run` checks it.
+    summary = DemoSummary(output_dir="demo_output", wall_time_s=1.0)
+    summary.reload_check = {**{k: v for k, v in result.items() if k != "mask"}, "ok": True}
+    _write_summary(summary, Path("demo_output"))
+    text = Path("demo_output/summary.md").read_text()
+    assert "- reload: ok" in text and "transformers_modules." in text
+
+
+def test_reload_step_refuses_a_folder_without_an_export(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import pytest
+
+    from modeling_segcompass.demo import _reload_in_fresh_process
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        _reload_in_fresh_process(Path("nothing_here"), Path("x.png"), "the red square", 6)
