@@ -431,7 +431,9 @@ def assemble_from_backbones(
         model.sae.sae_metadata = dict(sae_module.sae_metadata)
     fresh = _materialise_fresh_modules(model)
     logger.info("Fresh SegCompass modules: %s", sorted({n.split(".")[0] for n in fresh}))
-    model.to(torch_dtype)
+    # As `from_pretrained(dtype=...)` would load it (RoPE buffers stay float32), so that the
+    # model returns the same numbers before and after save / reload.
+    model.cast_to_dtype(torch_dtype)
     model.eval()
     model.processor = processor
     sources = {

@@ -11,6 +11,12 @@ from transformers import AutoConfig, PreTrainedConfig, SamConfig
 from transformers.configuration_utils import SubConfigSpec
 
 SAE_ARCHITECTURES = ("relu", "topk", "jumprelu")
+#: The answer tokens whose ids the tokenizer decides: config field -> token.
+SPECIAL_TOKEN_FIELDS: dict[str, str] = {
+    "ref_token_id": "<REF_POS>",
+    "think_start_token_id": "<think>",
+    "think_end_token_id": "</think>",
+}
 IMAGE_ENCODERS = ("sam", "conv", "none")
 
 # Published backbone settings used by `SegCompassConfig.paper` (PAPER.md, "The model").
@@ -45,7 +51,8 @@ class SegCompassConfig(PreTrainedConfig):
             the block, SAELens `blocks.{L}.hook_resid_post`) feeds the SAE.
         d_sae (`int`): number of SAE latents (65536 in the paper).
         sae_architecture (`str`): `"topk"` (default here), `"relu"` (reference) or `"jumprelu"`.
-        sae_k (`int`): active latents per token for `"topk"`.
+        sae_k (`int`): active latents per token for `"topk"` (64, as measured in
+            docs/performance.md; the same for `paper()` and for a fresh SAE of `from_backbones`).
         sae_apply_b_dec_to_input (`bool`): subtract `b_dec` before encoding (SAELens).
         activation_threshold (`float`):
             Codes with |a| below this are zeroed before the codebook. The reference uses 2.0
@@ -60,7 +67,11 @@ class SegCompassConfig(PreTrainedConfig):
         num_slots (`int`): K, the number of `<REF_POS>` tokens / slots / masks.
         slot_mapper_heads (`int`): heads of the slot-to-image similarity.
         slot_fuser_channels (`int`): width of the conv fuser that turns similarity maps into a heatmap.
-        ref_token_id (`int`): id of `<REF_POS>`.
+        ref_token_id (`int`, *optional*): id of `<REF_POS>`. The tokenizer decides it (a
+            Qwen2.5-VL tokenizer gets it appended after its own tokens), so presets leave it
+            None and the assembly (`from_backbones`) or `special_token_ids_from(tokenizer)`
+            sets it; a model refuses to run without it, and `segment`, the pipeline and the
+            trainers refuse a processor whose `<REF_POS>` has another id.
         think_start_token_id, think_end_token_id (`int`, *optional*): ids of `<think>` / `</think>`.
         lm_loss_weight, seg_loss_weight, conf_loss_weight, heatmap_bce_weight, heatmap_dice_weight,
         mask_dice_weight, mask_focal_weight, iou_loss_weight (`float`):
@@ -100,7 +111,7 @@ class SegCompassConfig(PreTrainedConfig):
     sae_layer: int = 13
     d_sae: int = 65536
     sae_architecture: str = "topk"
-    sae_k: int = 32
+    sae_k: int = 64
     sae_apply_b_dec_to_input: bool = True
     sae_jumprelu_init_threshold: float = 0.001
     activation_threshold: float = 0.0
@@ -118,7 +129,7 @@ class SegCompassConfig(PreTrainedConfig):
     slot_mapper_heads: int = 8
     slot_fuser_channels: int = 32
     # token ids
-    ref_token_id: int = 151665
+    ref_token_id: int | None = None
     think_start_token_id: int | None = None
     think_end_token_id: int | None = None
     # losses (PAPER.md "Training"; upstream scripts: seg 0.3, conf 0.2, dice 2.0, focal 5.0)
@@ -192,10 +203,14 @@ class SegCompassConfig(PreTrainedConfig):
             not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
         ):
             fail("max_images_per_decoder_call", "a positive integer or None", chunk)
-        for name in ("sae_k", "sae_layer", "ref_token_id"):
+        for name in ("sae_k", "sae_layer"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 fail(name, "an integer", value)
+        for name in SPECIAL_TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                fail(name, "an integer token id or None (set from the tokenizer)", value)
         for name in ("activation_threshold", "lm_loss_weight", "seg_loss_weight",
                      "conf_loss_weight", "heatmap_bce_weight", "heatmap_dice_weight",
                      "mask_dice_weight", "mask_focal_weight", "iou_loss_weight",
@@ -237,8 +252,93 @@ class SegCompassConfig(PreTrainedConfig):
                 self.sam_config.vision_config.output_channels,
             )
         vocab = self.vlm_text_config.vocab_size
-        if not 0 <= self.ref_token_id < vocab:
-            fail("ref_token_id", f"a token id in [0, vocab_size={vocab})", self.ref_token_id)
+        for name in SPECIAL_TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < vocab:
+                fail(name, f"a token id in [0, vocab_size={vocab})", value)
+
+    # ------------------------------------------------------------------ special tokens
+    @staticmethod
+    def special_token_ids_from(tokenizer: Any) -> dict[str, int]:
+        """`ref_token_id`, `think_start_token_id`, `think_end_token_id` as `tokenizer` has them.
+
+        Args:
+            tokenizer: a tokenizer, or a processor holding one (its `ref_token` names the
+                reference token, default `<REF_POS>`).
+
+        Returns:
+            ``{"ref_token_id": ..., "think_start_token_id": ..., "think_end_token_id": ...}``,
+            e.g. for ``config.update(...)`` or ``SegCompassConfig.paper(**...)``.
+
+        Raises:
+            ValueError: the tokenizer lacks one of the tokens (add them with
+                `SegCompassProcessor.from_vlm_processor`, which `from_backbones` calls).
+        """
+        tokens = dict(SPECIAL_TOKEN_FIELDS)
+        tokens["ref_token_id"] = getattr(tokenizer, "ref_token", None) or tokens["ref_token_id"]
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        ids = {}
+        for field, token in tokens.items():
+            token_id = _token_id(tokenizer, token)
+            if token_id is None:
+                raise ValueError(
+                    f"SegCompassConfig: the tokenizer has no {token!r} token, so `{field}` cannot "
+                    "be taken from it. Build the processor with "
+                    "SegCompassProcessor.from_vlm_processor(...) or assemble the model with "
+                    "SegCompassForReasoningSegmentation.from_backbones(...); both add "
+                    "<think>, </think> and <REF_POS> (then resize the token embeddings)."
+                )
+            ids[field] = token_id
+        return ids
+
+    def check_special_tokens(self, processor: Any) -> None:
+        """Refuse a processor (or tokenizer) whose answer tokens are not this config's ids.
+
+        The model grounds its masks on the hidden states at `ref_token_id`; with another
+        tokenizer's id it would read the wrong tokens (e.g. `<think>`) and silently return
+        wrong masks. `segment`, the pipeline and the trainers call this when model and
+        processor meet.
+
+        Raises:
+            ValueError: naming the field, both ids, what the config's id is in the tokenizer,
+                and how to fix it.
+        """
+        fix = (
+            "Use the processor saved with this model, or take the ids from the tokenizer: "
+            "`model.config.update(SegCompassConfig.special_token_ids_from(processor))` "
+            "(from_backbones does this)."
+        )
+        if self.ref_token_id is None:
+            raise ValueError(
+                "SegCompassConfig.ref_token_id is not set: the tokenizer decides the id of "
+                f"<REF_POS>, and presets leave it to the assembly. {fix}"
+            )
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokens = dict(SPECIAL_TOKEN_FIELDS)
+        tokens["ref_token_id"] = getattr(processor, "ref_token", None) or tokens["ref_token_id"]
+        for field, token in tokens.items():
+            wanted = getattr(self, field)
+            if wanted is None:
+                continue
+            have = _token_id(tokenizer, token)
+            if have != wanted:
+                where = f"has {token} at id {have}" if have is not None else f"has no {token}"
+                seen = _id_to_token(tokenizer, wanted)
+                raise ValueError(
+                    f"SegCompassConfig.{field} is {wanted} but the processor's tokenizer {where}"
+                    f"{f' (id {wanted} is {seen!r} there)' if seen is not None else ''}: the "
+                    f"model and the processor disagree on {token}, so the model would read the "
+                    f"wrong tokens. {fix}"
+                )
+        image_id = getattr(self.vlm_config, "image_token_id", None)
+        processor_image_id = getattr(processor, "image_token_id", None)
+        if None not in (image_id, processor_image_id) and image_id != processor_image_id:
+            raise ValueError(
+                f"SegCompassConfig.vlm_config.image_token_id is {image_id} but the processor "
+                f"expands images with token id {processor_image_id}: the VLM would find no image "
+                "tokens. Use the VLM checkpoint's own tokenizer (the processor saved with the "
+                "model)."
+            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -391,7 +491,12 @@ class SegCompassConfig(PreTrainedConfig):
 
     @classmethod
     def paper(
-        cls, vlm: str = "qwen2.5-vl-7b", *, num_slots: int = 4, **overrides: Any
+        cls,
+        vlm: str = "qwen2.5-vl-7b",
+        *,
+        num_slots: int = 4,
+        tokenizer: Any = None,
+        **overrides: Any,
     ) -> SegCompassConfig:
         """The published dimensions (PAPER.md): d_sae 65536, codebook 512, 2 layers, 8 heads.
 
@@ -400,6 +505,11 @@ class SegCompassConfig(PreTrainedConfig):
         |a| < 2.0 threshold; the topk SAE here is the faster default, pass
         `sae_architecture="relu", activation_threshold=2.0` for the faithful mode.
         This builds a config only; weights come from `from_backbones` / `from_pretrained`.
+
+        The ids of `<REF_POS>`, `<think>` and `</think>` belong to the tokenizer (they are
+        appended to the VLM's vocabulary), so they are not guessed here: pass `tokenizer=`
+        (a tokenizer or processor that has them) to take them from it, or leave them None for
+        the assembly to set; a model refuses to run until `ref_token_id` is set.
         """
         if vlm not in PAPER_BACKBONES:
             raise ValueError(
@@ -444,7 +554,6 @@ class SegCompassConfig(PreTrainedConfig):
                 "vision_start_token_id": 151652,
                 "vision_end_token_id": 151653,
             }
-            ref_token_id = 151665  # first id after Qwen2.5-VL's added tokens
         else:
             big = vlm == "llava-1.5-13b"
             vlm_config = {
@@ -471,7 +580,6 @@ class SegCompassConfig(PreTrainedConfig):
                 },
                 "image_token_index": 32000,
             }
-            ref_token_id = 32002
         defaults: dict[str, Any] = {
             "vlm_config": vlm_config,
             # SAM ViT-H (facebook/sam-vit-huge)
@@ -488,7 +596,6 @@ class SegCompassConfig(PreTrainedConfig):
             "sae_layer": sae_layer,
             "d_sae": 65536,
             "sae_architecture": "topk",
-            "sae_k": 64,
             "codebook_dim": 512,
             "codebook_layers": 2,
             "codebook_heads": 8,
@@ -496,10 +603,29 @@ class SegCompassConfig(PreTrainedConfig):
             "num_slots": num_slots,
             "slot_mapper_heads": 8,
             "slot_fuser_channels": 32,
-            "ref_token_id": ref_token_id,
         }
+        if tokenizer is not None:
+            defaults.update(cls.special_token_ids_from(tokenizer))
         defaults.update(overrides)
         return cls(**defaults)
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of `token` as one token of `tokenizer`, None when it does not know it."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if token_id is None or (token_id == unk and token != getattr(tokenizer, "unk_token", None)):
+        return None
+    return int(token_id)
+
+
+def _id_to_token(tokenizer: Any, token_id: int) -> str | None:
+    """The token of `token_id` in `tokenizer`, None when the id is outside its vocabulary."""
+    try:
+        token = tokenizer.convert_ids_to_tokens(int(token_id))
+    except (IndexError, OverflowError, TypeError, ValueError):
+        return None
+    return token if isinstance(token, str) else None
 
 
 __all__ = ["SegCompassConfig"]

@@ -502,6 +502,7 @@ class SegCompassGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
         base = _unwrap_peft(model)
         config = base.config
+        config.check_special_tokens(processing_class)
         # TRL suppresses `config.image_token_id` during sampling and reads the model's eos ids;
         # SegCompass keeps the image token in its VLM config and answers end at <|im_end|>.
         image_token_id = getattr(config, "image_token_id", None)

@@ -11,15 +11,18 @@ and its flat siblings.
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.sam.modeling_sam import (
     SamMaskDecoder,
@@ -199,6 +202,49 @@ def gather_ref_hidden_states(
     return states, present
 
 
+def _floating_dtype(module: nn.Module | None) -> torch.dtype | None:
+    """dtype of the first floating-point parameter of `module` (None when it has none)."""
+    if module is None:
+        return None
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def _resolve_float_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name ("bfloat16", "torch.float16")."""
+    resolved = dtype
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            f"Expected a floating-point torch dtype or its name (e.g. torch.bfloat16 or "
+            f"'bfloat16'), got {dtype!r}."
+        )
+    return resolved
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to `dtype` inside the block (what `from_pretrained` builds under)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _set_config_dtype(config: PreTrainedConfig, dtype: torch.dtype) -> None:
+    """Record `dtype` on a config and all its sub-configs, as `from_pretrained` does."""
+    config.dtype = dtype
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if isinstance(sub, PreTrainedConfig):
+            _set_config_dtype(sub, dtype)
+
+
 def _decoder_layers(vlm: nn.Module) -> nn.ModuleList:
     """The language model's decoder layers of an image-text-to-text model."""
     candidates = []
@@ -263,6 +309,70 @@ class SegCompassPreTrainedModel(PreTrainedModel):
             # the output tokens start nearly identical, so the image-to-token attention gets
             # no usable gradient when SAM is trained from scratch (the tiny default).
             init.normal_(module.weight, std=1.0)
+
+    # ------------------------------------------------------------------ precision
+    def cast_to_dtype(self, dtype: torch.dtype | str) -> SegCompassPreTrainedModel:
+        """Cast in place to `dtype` exactly as `from_pretrained(path, dtype=dtype)` loads.
+
+        `model.to(dtype)` casts every floating tensor; transformers' loading does not: a
+        tensor takes the dtype it is built with under `dtype` as torch's default, so buffers
+        that a module builds in float32 on purpose (RoPE's `inv_freq`) stay float32, and the
+        modules in `_keep_in_fp32_modules` (float16) / `_keep_in_fp32_modules_strict`
+        (float16, bfloat16) are float32. This builds the model's skeleton on the meta device
+        under `dtype` and gives every parameter and buffer its skeleton's dtype, so a model
+        cast here and the same model saved and reloaded hold the same tensors and return the
+        same numbers. The config (and its sub-configs) records `dtype`, as after loading.
+
+        Args:
+            dtype: a floating torch dtype or its name ("bfloat16", "float16", "float32").
+
+        Returns:
+            The model itself.
+        """
+        dtype = _resolve_float_dtype(dtype)
+        config = copy.deepcopy(self.config)
+        _set_config_dtype(config, dtype)
+        with torch.device("meta"), _default_dtype(dtype):
+            skeleton = type(self)(config)
+        keep = set()
+        if dtype == torch.float16:
+            keep |= set(getattr(skeleton, "_keep_in_fp32_modules", None) or ())
+        if dtype in (torch.float16, torch.bfloat16):
+            keep |= set(getattr(skeleton, "_keep_in_fp32_modules_strict", None) or ())
+        # transformers matches these names as globs searched anywhere in the tensor's name
+        pattern = re.compile("|".join(k.replace("*", ".*") for k in sorted(keep))) if keep else None
+        built = {
+            name: tensor.dtype
+            for name, tensor in (
+                *skeleton.named_parameters(remove_duplicate=False),
+                *skeleton.named_buffers(remove_duplicate=False),
+            )
+        }
+        del skeleton
+
+        def target(name: str, tensor: torch.Tensor) -> torch.dtype:
+            if not tensor.is_floating_point():
+                return tensor.dtype
+            if pattern is not None and pattern.search(name):
+                return torch.float32
+            return built.get(name, dtype)  # a tensor the config does not build (e.g. an adapter)
+
+        with torch.no_grad():
+            for module_name, module in self.named_modules(remove_duplicate=False):
+                prefix = f"{module_name}." if module_name else ""
+                for name, param in module._parameters.items():
+                    if param is None:
+                        continue
+                    wanted = target(prefix + name, param)
+                    if param.dtype != wanted:
+                        param.data = param.data.to(wanted)
+                        if param.grad is not None:
+                            param.grad = param.grad.to(wanted)
+                for name, buffer in module._buffers.items():
+                    if buffer is not None and buffer.dtype != target(prefix + name, buffer):
+                        module._buffers[name] = buffer.to(target(prefix + name, buffer))
+        _set_config_dtype(self.config, dtype)
+        return self
 
 
 class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
@@ -374,6 +484,10 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
                 "SegCompass: this model has image_encoder_type='none', so pass precomputed "
                 "`image_embeddings` (B, C, E, E) instead of `sam_pixel_values`."
             )
+        # The processor returns float32 pixels; the encoder runs in its own precision.
+        dtype = _floating_dtype(self.image_encoder)
+        if dtype is not None and sam_pixel_values.is_floating_point():
+            sam_pixel_values = sam_pixel_values.to(dtype)
         out = self.image_encoder(sam_pixel_values)
         return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
@@ -648,6 +762,13 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
                 f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}."
             )
         cfg = self.config
+        if cfg.ref_token_id is None:
+            raise ValueError(
+                "SegCompassForReasoningSegmentation.forward: config.ref_token_id is not set (the "
+                "tokenizer decides the id of <REF_POS>; presets leave it unset). Take the ids "
+                "from the processor: `model.config.update(SegCompassConfig."
+                "special_token_ids_from(processor))`, or assemble with from_backbones."
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
@@ -689,6 +810,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         book = self.codebook(concept_indices, concept_values, attention_mask, sparse=sparse)
         if image_embeddings is None:
             image_embeddings = self.encode_image(sam_pixel_values)
+        else:  # precomputed (e.g. cached in float32): the mask path runs in its own precision
+            image_embeddings = image_embeddings.to(_floating_dtype(self.mask_decoder))
         mapped = self.slot_mapper(book.slots, ref_states, image_embeddings)
         mask_logits, iou_scores = self.decode_masks(mapped.heatmap_logits, image_embeddings)
 
@@ -761,13 +884,15 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             seg_loss, conf_loss and the slot assignment.
         """
         cfg = self.config
-        gt = gt_masks.to(mask_logits.dtype)
+        # The losses are computed in float32 whatever the model's precision (as the LM loss):
+        # sums over 256 x 256 masks lose the small terms in bfloat16.
+        gt = gt_masks.float()
         if num_objects is None:
             num_objects = (gt.flatten(2) > 0.5).any(-1).sum(-1)
         return compute_segmentation_loss(
-            heatmap_logits=heatmap_logits,
-            mask_logits=mask_logits,
-            conf_logits=conf_logits,
+            heatmap_logits=heatmap_logits.float(),
+            mask_logits=mask_logits.float(),
+            conf_logits=conf_logits.float(),
             gt_masks=gt,
             num_objects=num_objects,
             valid_mask=valid_mask,
@@ -777,7 +902,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             mask_focal_weight=cfg.mask_focal_weight,
             focal_alpha=cfg.focal_alpha,
             focal_gamma=cfg.focal_gamma,
-            iou_predictions=iou_scores,
+            iou_predictions=None if iou_scores is None else iou_scores.float(),
             iou_loss_weight=cfg.iou_loss_weight,
             order_prior=cfg.slot_order_prior,
         )
@@ -815,7 +940,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         through the concept path.
         """
         target = sae_input.detach()
-        recon = self.sae.decode(self.sae.encode(target))
+        recon = self.sae.decode(self.sae.encode(target)).float()  # the loss in float32
+        target = target.float()
         real = token_mask.unsqueeze(-1).to(target.dtype)  # (B, L, 1)
         count = real.sum().clamp_min(1.0)
         mean = (target * real).sum((0, 1)) / count
@@ -884,6 +1010,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             raise ValueError(
                 f"segment(): max_new_tokens must be a positive int, got {max_new_tokens!r}."
             )
+        self.config.check_special_tokens(processor)
         cfg = self.config
         conf_threshold = (
             cfg.slot_confidence_threshold if confidence_threshold is None else confidence_threshold

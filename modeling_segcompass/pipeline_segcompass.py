@@ -179,6 +179,13 @@ class ReasoningSegmentationPipeline(Pipeline):
     )
     _POSTPROCESS_KEYS = ("top_concepts", "top_tokens", "return_heatmaps")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Refuse a processor whose <REF_POS> id is not the model's now, not at the first call.
+        check = getattr(getattr(self.model, "config", None), "check_special_tokens", None)
+        if check is not None and getattr(self, "processor", None) is not None:
+            check(self.processor)
+
     def __repr__(self) -> str:
         model = self.model
         return f"{type(self).__name__}(model={type(model).__name__}, device={self.device})"

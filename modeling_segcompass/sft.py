@@ -269,6 +269,12 @@ class SegCompassTrainer(AtomicCheckpointMixin, Trainer):
         self, *args: Any, module_learning_rates: ModuleLearningRates | None = None, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        # The collator's processor and the model meet here: refuse a tokenizer whose
+        # <REF_POS> (or think) ids are not the model's before any step trains on them.
+        processor = getattr(self.data_collator, "processor", None)
+        check = getattr(getattr(self.model, "config", None), "check_special_tokens", None)
+        if processor is not None and check is not None:
+            check(processor)
         self.module_learning_rates = (
             ModuleLearningRates.paper() if module_learning_rates is None else module_learning_rates
         )
