@@ -6,7 +6,7 @@ the range below is satisfied by that build, so pip does not replace it with a CU
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -44,7 +44,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_segcompass"],
+    packages=find_packages(include=["modeling_segcompass", "modeling_segcompass.*"]),
     install_requires=CORE,
     extras_require={
         "train": TRAIN,

@@ -56,18 +56,18 @@ from benchmarks.harness import (  # noqa: E402
     verdict,
 )
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation  # noqa: E402
-from modeling_segcompass.data_synthetic import (  # noqa: E402
+from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer  # noqa: E402
+from modeling_segcompass.data.synthetic import (  # noqa: E402
     SyntheticWorldConfig,
     generate_examples,
     iter_texts,
 )
-from modeling_segcompass.grpo_trainer import (  # noqa: E402
+from modeling_segcompass.processing_segcompass import SegCompassProcessor  # noqa: E402
+from modeling_segcompass.training.grpo_trainer import (  # noqa: E402
     SegCompassGRPOConfig,
     SegCompassGRPOTrainer,
     build_grpo_dataset,
 )
-from modeling_segcompass.processing_segcompass import SegCompassProcessor  # noqa: E402
-from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer  # noqa: E402
 
 TARGET_TIME_RATIO = 1.25
 SIZES = ("tiny", "proportional")

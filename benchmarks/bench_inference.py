@@ -34,13 +34,13 @@ from benchmarks.harness import (  # noqa: E402
     timing_lines,
 )
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation  # noqa: E402
-from modeling_segcompass.data_synthetic import (  # noqa: E402
+from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer  # noqa: E402
+from modeling_segcompass.data.synthetic import (  # noqa: E402
     SyntheticWorldConfig,
     generate_examples,
     iter_texts,
 )
 from modeling_segcompass.processing_segcompass import SegCompassProcessor  # noqa: E402
-from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer  # noqa: E402
 
 
 def build(batch: int, device: torch.device, *, corpus: int = 300, vocab_size: int = 1024):

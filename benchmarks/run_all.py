@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         script, description = BENCHMARKS[name]
         path = HERE / script
         print(f"\n######## {description} ({script})", flush=True)
-        if name == "grpo_step" and not (ROOT / "modeling_segcompass" / "grpo_trainer.py").exists():
-            line = f"SKIPPED {description}: modeling_segcompass/grpo_trainer.py does not exist yet"
+        if (
+            name == "grpo_step"
+            and not (ROOT / "modeling_segcompass" / "training" / "grpo_trainer.py").exists()
+        ):
+            line = f"SKIPPED {description}: modeling_segcompass/training/grpo_trainer.py does not exist yet"
             print(line)
             summary.append(line)
             continue

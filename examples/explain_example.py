@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation, interpret
-from modeling_segcompass.collator import SegCompassCollator
-from modeling_segcompass.concept_labels import build_concept_labels, save_concept_labels
-from modeling_segcompass.data_synthetic import SyntheticWorldConfig, generate_examples, iter_texts
+from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer
+from modeling_segcompass.data.collator import SegCompassCollator
+from modeling_segcompass.data.synthetic import SyntheticWorldConfig, generate_examples, iter_texts
+from modeling_segcompass.interpret import explain as interpret
+from modeling_segcompass.interpret.labels import build_concept_labels, save_concept_labels
 from modeling_segcompass.processing_segcompass import SegCompassProcessor
-from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer
 
 logger = logging.getLogger("explain_example")
 
@@ -57,7 +58,7 @@ def main() -> None:
 
     world = SyntheticWorldConfig(seed=args.seed)
     if args.model is not None:
-        from modeling_segcompass.cli import load_model
+        from modeling_segcompass.cli.commands import load_model
 
         loaded = load_model(str(args.model), device="cpu")
         model, processor = loaded.model, loaded.processor

@@ -51,8 +51,9 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
-from modeling_segcompass.collator import SegCompassCollator
-from modeling_segcompass.data_synthetic import (
+from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer, load_tokenizer
+from modeling_segcompass.data.collator import SegCompassCollator
+from modeling_segcompass.data.synthetic import (
     FAMILIES,
     SyntheticWorldConfig,
     balanced_examples,
@@ -60,19 +61,18 @@ from modeling_segcompass.data_synthetic import (
     generate_examples,
     iter_texts,
 )
-from modeling_segcompass.grpo_trainer import (
+from modeling_segcompass.evaluation.metrics import SegmentationMetrics
+from modeling_segcompass.processing_segcompass import SegCompassProcessor
+from modeling_segcompass.training.grpo_trainer import (
     SegCompassGRPOConfig,
     SegCompassGRPOTrainer,
     build_grpo_dataset,
     grpo_row,
 )
-from modeling_segcompass.metrics import SegmentationMetrics
-from modeling_segcompass.processing_segcompass import SegCompassProcessor
-from modeling_segcompass.rewards import score_completion
-from modeling_segcompass.sae_training import pretrain_sae_for_model
-from modeling_segcompass.sft import ModuleLearningRates, sft_training_arguments, train_sft
-from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer, load_tokenizer
-from modeling_segcompass.vlm_pretraining import image_dependence, pretrain_vlm
+from modeling_segcompass.training.rewards import score_completion
+from modeling_segcompass.training.sae_training import pretrain_sae_for_model
+from modeling_segcompass.training.sft import ModuleLearningRates, sft_training_arguments, train_sft
+from modeling_segcompass.training.vlm_pretraining import image_dependence, pretrain_vlm
 
 logger = logging.getLogger("grpo_learning_check")
 

@@ -1,7 +1,7 @@
 """Description probe (not a unit test): which words of an image description does the tiny VLM
 get wrong, and does a change of its configuration help?
 
-Trains ONLY `model.vlm` on the image-description task (`data_synthetic.describe_example`,
+Trains ONLY `model.vlm` on the image-description task (`data.synthetic.describe_example`,
 "large red circle at top left , small blue square at right ...") for a wall-clock budget with
 `vlm_pretraining.pretrain_vlm` (the demo's first stage: AdamW lr 3e-3, 100 warm-up steps,
 cosine on time, batch 32), then scores held-out descriptions teacher-forced: the share of
@@ -30,8 +30,9 @@ import torch
 from transformers import set_seed
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
-from modeling_segcompass.collator import SegCompassCollator
-from modeling_segcompass.data_synthetic import (
+from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer
+from modeling_segcompass.data.collator import SegCompassCollator
+from modeling_segcompass.data.synthetic import (
     PALETTE,
     SHAPE_KINDS,
     SIZES,
@@ -42,8 +43,7 @@ from modeling_segcompass.data_synthetic import (
     iter_texts,
 )
 from modeling_segcompass.processing_segcompass import SegCompassProcessor
-from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer
-from modeling_segcompass.vlm_pretraining import pretrain_vlm
+from modeling_segcompass.training.vlm_pretraining import pretrain_vlm
 
 CELL_WORDS = ("top", "bottom", "left", "right", "center")
 

@@ -7,7 +7,7 @@ the right image and 0.369 with another one (the demo model, docs/training.md sec
 This script trains ONLY `model.vlm` (LM loss; no SAE, codebook or mask path) with
 `vlm_pretraining.pretrain_vlm` (AdamW, warm-up + cosine to 10 %) in two optional phases:
 
-1. image-description pretraining (`data_synthetic.describe_example`, ``--description_steps``);
+1. image-description pretraining (`data.synthetic.describe_example`, ``--description_steps``);
 2. reasoning SFT on the gold responses (``--reasoning_steps``).
 
 After each phase that ran (or once, untrained, if neither did) it measures on held-out
@@ -57,7 +57,8 @@ import torch
 from transformers import set_seed
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
-from modeling_segcompass.data_synthetic import (
+from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer
+from modeling_segcompass.data.synthetic import (
     COT_STYLES,
     FAMILIES,
     SyntheticWorldConfig,
@@ -67,8 +68,7 @@ from modeling_segcompass.data_synthetic import (
     iter_texts,
 )
 from modeling_segcompass.processing_segcompass import SegCompassProcessor
-from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer
-from modeling_segcompass.vlm_pretraining import image_dependence, pretrain_vlm
+from modeling_segcompass.training.vlm_pretraining import image_dependence, pretrain_vlm
 
 MAX_NEW_TOKENS = 64  # the focused style; scene_first responses need up to 96
 
@@ -76,7 +76,7 @@ MAX_NEW_TOKENS = 64  # the focused style; scene_first responses need up to 96
 # --------------------------------------------------------------------------- data
 def held_out_set(seed: int, per_family: int, cot_style: str = "focused") -> list[dict[str, Any]]:
     """`per_family` examples of each family from the world with seed `seed` + 1000, in
-    generation order (`data_synthetic.balanced_examples`, as the learning check uses)."""
+    generation order (`data.synthetic.balanced_examples`, as the learning check uses)."""
     return balanced_examples(
         SyntheticWorldConfig(seed=seed + 1000, cot_style=cot_style), per_family
     )

@@ -27,30 +27,30 @@ AutoModel.register(SegCompassConfig, SegCompassForReasoningSegmentation, exist_o
 SegCompassConfig.register_for_auto_class()
 SegCompassForReasoningSegmentation.register_for_auto_class("AutoModel")
 
-# name -> module for names imported on first use
+# name -> submodule (dotted, relative to this package) for names imported on first use
 _LAZY = {
     "SegCompassProcessor": "processing_segcompass",
-    "SegCompassCollator": "collator",
-    "build_tiny_tokenizer": "tokenizer_builder",
-    "SegmentationMetrics": "metrics",
-    "MetricsResult": "metrics",
-    "segmentation_metrics": "metrics",
-    "format_reward": "rewards",
-    "mask_reward": "rewards",
-    "multi_object_mask_reward": "rewards",
-    "segcompass_reward": "rewards",
-    "SegCompassTrainer": "sft",
-    "ModuleLearningRates": "sft",
-    "train_sft": "sft",
-    "pretrain_sae_for_model": "sae_training",
-    "SegCompassGRPOConfig": "grpo_trainer",
-    "SegCompassGRPOTrainer": "grpo_trainer",
-    "explain": "interpret",
-    "ablate_concepts": "interpret",
-    "concept_quality_vs_accuracy": "interpret",
+    "SegCompassCollator": "data.collator",
+    "build_tiny_tokenizer": "assembly.tokenizer_builder",
+    "SegmentationMetrics": "evaluation.metrics",
+    "MetricsResult": "evaluation.metrics",
+    "segmentation_metrics": "evaluation.metrics",
+    "format_reward": "training.rewards",
+    "mask_reward": "training.rewards",
+    "multi_object_mask_reward": "training.rewards",
+    "segcompass_reward": "training.rewards",
+    "SegCompassTrainer": "training.sft",
+    "ModuleLearningRates": "training.sft",
+    "train_sft": "training.sft",
+    "pretrain_sae_for_model": "training.sae_training",
+    "SegCompassGRPOConfig": "training.grpo_trainer",
+    "SegCompassGRPOTrainer": "training.grpo_trainer",
+    "explain": "interpret.explain",
+    "ablate_concepts": "interpret.explain",
+    "concept_quality_vs_accuracy": "interpret.explain",
     "ReasoningSegmentationPipeline": "pipeline_segcompass",
-    "export": "hub",
-    "push_to_hub": "hub",
+    "export": "serving.hub",
+    "push_to_hub": "serving.hub",
 }
 
 

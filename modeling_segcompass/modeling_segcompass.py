@@ -12,6 +12,7 @@ and its flat siblings.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -1124,12 +1125,24 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         """Assemble from an image-text-to-text VLM, a `facebook/sam-vit-*` SAM and an optional
         SAELens SAE (folders, Hub ids or loaded objects); returns ``(model, processor)``.
 
-        See `backbones.assemble_from_backbones` for the arguments (``num_slots``, ``dtype``,
-        ``vlm_processor`` and any `SegCompassConfig` field as an override).
+        See `modeling_segcompass.assembly.backbones.assemble_from_backbones` for the arguments
+        (``num_slots``, ``dtype``, ``vlm_processor`` and any `SegCompassConfig` field as an
+        override). Needs the installed package: a folder loaded with ``trust_remote_code``
+        carries only the model files.
         """
-        from .backbones import assemble_from_backbones
-
-        return assemble_from_backbones(vlm, sam, sae, model_class=cls, **kwargs)
+        # Through importlib, not a relative import: this file is carried into saved folders,
+        # and transformers takes any `from .x import` here for another file to carry.
+        try:
+            backbones = importlib.import_module("modeling_segcompass.assembly.backbones")
+        except ImportError as error:
+            if error.name and not error.name.startswith("modeling_segcompass"):
+                raise  # the package is there; something it imports is not
+            raise ImportError(
+                "from_backbones needs the modeling_segcompass package installed "
+                "(pip install modeling_segcompass, or pip install -e . from its repository); "
+                "a model loaded with trust_remote_code carries only the model files."
+            ) from error
+        return backbones.assemble_from_backbones(vlm, sam, sae, model_class=cls, **kwargs)
 
     # ------------------------------------------------------------------ safe loading
     @classmethod

@@ -132,8 +132,8 @@ TINY_CORPUS = [
 
 def build_tiny_tokenizer_and_processor(num_slots: int = 3):
     """A tiny BPE tokenizer (special ids 0..9) and the matching SegCompassProcessor."""
+    from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer
     from modeling_segcompass.processing_segcompass import SegCompassProcessor
-    from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(TINY_CORPUS, vocab_size=400)
     return tokenizer, SegCompassProcessor.tiny(tokenizer, num_slots=num_slots)

@@ -42,19 +42,19 @@ def worker(out_dir: str) -> None:
     from transformers import Trainer, TrainingArguments
 
     from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
-    from modeling_segcompass.collator import SegCompassCollator
-    from modeling_segcompass.data_synthetic import (
+    from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer
+    from modeling_segcompass.data.collator import SegCompassCollator
+    from modeling_segcompass.data.synthetic import (
         SyntheticWorldConfig,
         generate_examples,
         iter_texts,
     )
-    from modeling_segcompass.grpo_trainer import (
+    from modeling_segcompass.processing_segcompass import SegCompassProcessor
+    from modeling_segcompass.training.grpo_trainer import (
         SegCompassGRPOConfig,
         SegCompassGRPOTrainer,
         build_grpo_dataset,
     )
-    from modeling_segcompass.processing_segcompass import SegCompassProcessor
-    from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer
 
     state = PartialState(cpu=True)  # gloo; TrainingArguments(use_cpu=True) shares this state
     rank, world = state.process_index, state.num_processes

@@ -14,10 +14,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modeling_segcompass.evaluation.metrics import giou, mask_iou_stats
 from modeling_segcompass.matching import linear_sum_assignment, match_slots
-from modeling_segcompass.metrics import giou, mask_iou_stats
 from modeling_segcompass.modeling_segcompass import completion_format_problem
-from modeling_segcompass.rewards import format_score, multi_object_mask_score, single_mask_score
+from modeling_segcompass.training.rewards import (
+    format_score,
+    multi_object_mask_score,
+    single_mask_score,
+)
 from tests.helpers import build_tiny_tokenizer_and_processor
 
 FAST = settings(

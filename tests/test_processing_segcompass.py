@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer
 from modeling_segcompass.processing_segcompass import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
@@ -16,7 +17,6 @@ from modeling_segcompass.processing_segcompass import (
     parse_response,
     resized_longest_side,
 )
-from modeling_segcompass.tokenizer_builder import build_tiny_tokenizer
 
 PAD, IM_END, IMAGE_PAD, THINK, THINK_END, REF = 0, 2, 5, 7, 8, 9
 CORPUS = [

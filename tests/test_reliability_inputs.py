@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
-from modeling_segcompass.rewards import format_score
+from modeling_segcompass.training.rewards import format_score
 from tests.helpers import (
     IM_END,
     REF,

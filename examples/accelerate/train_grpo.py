@@ -7,7 +7,7 @@
 `--model_path`: a folder written by `model.save_pretrained` + `processor.save_pretrained`
 (e.g. after SAE pretraining and the supervised warm-up). `--dataset_path`: a
 `datasets.load_from_disk` folder whose rows have `image`, `instruction` (or `text`, as
-`data_formats.to_hf_dataset` writes) and `masks` ((N, H, W) at the image size, N = 0 for
+`data.formats.to_hf_dataset` writes) and `masks` ((N, H, W) at the image size, N = 0 for
 no-target), e.g. the synthetic world's `build_dataset` or the RefCOCO/gRefCOCO loaders'.
 Every `SegCompassGRPOConfig` / `GRPOConfig` / `TrainingArguments` field is a flag.
 """
@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from datasets import load_from_disk
 from transformers import AutoModel, AutoProcessor, HfArgumentParser
 
-from modeling_segcompass.grpo_trainer import SegCompassGRPOConfig, SegCompassGRPOTrainer, grpo_row
+from modeling_segcompass.training.grpo_trainer import (
+    SegCompassGRPOConfig,
+    SegCompassGRPOTrainer,
+    grpo_row,
+)
 
 
 @dataclass

@@ -6,7 +6,7 @@ Load it from this local file (no Hub access needed)::
     metric = evaluate.load("examples/evaluate_metric/segcompass_iou.py")
     metric.compute(predictions=[pred_mask], references=[gt_mask])
 
-The computation lives in ``modeling_segcompass.metrics``, so the ``modeling_segcompass``
+The computation lives in ``modeling_segcompass.evaluation.metrics``, so the ``modeling_segcompass``
 package must be importable (``pip install -e .`` from the repository root). This file only
 adapts it to the `evaluate` interface; the definitions are documented there.
 """
@@ -15,7 +15,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from modeling_segcompass.metrics import segmentation_metrics
+from modeling_segcompass.evaluation.metrics import segmentation_metrics
 
 _DESCRIPTION = """
 Mask metrics of reasoning / referring segmentation. gIoU is the mean per-sample IoU, cIoU

@@ -1,0 +1,1 @@
+"""Evaluation: segmentation metrics (gIoU, cIoU, per-group results) for SegCompass outputs."""

@@ -1,0 +1,603 @@
+"""Supervised fine-tuning of SegCompass with `transformers.Trainer`.
+
+The loss is the model's own (`SegCompassForReasoningSegmentation.forward` with ``labels``
+and ``gt_masks``): LM cross-entropy on the gold response + segmentation losses (+ the SAE
+reconstruction term when ``config.sae_reconstruction_weight > 0``). This module adds what
+the plain Trainer lacks:
+
+* per-module learning rates (PAPER.md, "Training"): the new heads learn many times faster
+  than the LLM, through the optimizer's parameter groups (:class:`ModuleLearningRates`,
+  :func:`build_param_groups`, :class:`SegCompassTrainer`);
+* LoRA on the VLM's language-model attention while the new heads train fully
+  (:func:`apply_lora`), and merging for export (:func:`merge_lora`);
+* atomic checkpoints and resume from the last complete one (:mod:`.checkpointing`);
+* the loss components (lm / seg / conf / sae) in the training logs.
+
+Why LoRA is injected into ``model.vlm`` rather than wrapping the whole model with
+``peft.get_peft_model``: a PeftModel with ``modules_to_save`` keeps a second copy of every
+saved head (at paper scale the SAE alone is 3584 x 65536 x 2 weights, about 1.9 GB in
+float32), and the Trainer then checkpoints only the adapter. Injecting with
+``peft.inject_adapter_in_model`` keeps the model a plain `SegCompassForReasoningSegmentation`
+(same ``forward``, ``segment``, ``save_pretrained``; full checkpoints that resume exactly),
+freezes only the VLM's base weights and leaves the heads trainable; :func:`merge_lora`
+folds the adapters into the base weights and removes the LoRA layers, giving a model that
+saves and loads with ``from_pretrained`` like any other.
+
+Library side (not remote code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import get_parameter_names
+from transformers.trainer_utils import TrainOutput
+
+from ..modeling_segcompass import _decoder_layers
+from .checkpointing import AtomicCheckpointMixin
+
+logger = logging.getLogger(__name__)
+
+#: Top-level submodules of `SegCompassForReasoningSegmentation`, one learning-rate group each.
+MODULE_NAMES: tuple[str, ...] = (
+    "vlm",
+    "sae",
+    "codebook",
+    "slot_mapper",
+    "image_encoder",
+    "prompt_encoder",
+    "mask_decoder",
+)
+#: Attention projections LoRA targets in the language model (Qwen2 / Llama naming).
+LORA_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Wrappers that prefix parameter names: PEFT (`base_model.model.`), DDP (`module.`),
+# torch.compile (`_orig_mod.`).
+_WRAPPER_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
+
+
+@dataclass
+class ModuleLearningRates:
+    """Learning-rate multipliers per module: group lr = ``base_lr * multiplier``.
+
+    Defaults follow PAPER.md ("Per-module learning rates": base 1e-6 to 2e-6 for the LLM;
+    codebook x25-30, slot mapper x25-80, prompt encoder x10, mask decoder x5-10), taking
+    the lower end of each published range. The paper does not give multipliers for the SAE
+    and the image encoder: both arrive pretrained (SAE pretraining, SAM's ViT), so they get
+    the LLM's rate (x1). A multiplier of 0 freezes a module (its parameters stay out of the
+    optimizer). For the tiny from-scratch default use :meth:`uniform` with base lr 3e-3
+    (DEMO_PROBE.md: AdamW 3e-3 for everything worked best at that scale).
+    """
+
+    vlm: float = 1.0
+    """The multimodal LLM's own (non-LoRA) parameters; the base rate."""
+    lora: float = 1.0
+    """LoRA adapters inside the VLM (see :func:`apply_lora`)."""
+    sae: float = 1.0
+    """The sparse autoencoder (pretrained, then trained jointly)."""
+    codebook: float = 25.0
+    """The query codebook (paper: x25-30)."""
+    slot_mapper: float = 25.0
+    """The slot mapper and its confidence head (paper: x25-80)."""
+    image_encoder: float = 1.0
+    """SAM's vision encoder or the conv encoder of the tiny default."""
+    prompt_encoder: float = 10.0
+    """SAM's prompt encoder (paper: x10)."""
+    mask_decoder: float = 5.0
+    """SAM's mask decoder (paper: x5-10)."""
+    other: float = 1.0
+    """Any parameter outside the modules above (e.g. added by a subclass)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(
+                    f"ModuleLearningRates.{f.name} must be a finite number >= 0 (a multiplier "
+                    f"of the base learning rate; 0 freezes the module), got {value!r}."
+                )
+
+    @classmethod
+    def paper(cls) -> ModuleLearningRates:
+        """The published multipliers (the defaults)."""
+        return cls()
+
+    @classmethod
+    def uniform(cls) -> ModuleLearningRates:
+        """Every multiplier 1.0: one learning rate for everything (the tiny default)."""
+        return cls(**{f.name: 1.0 for f in dataclasses.fields(cls)})
+
+    def multiplier(self, module: str) -> float:
+        """The multiplier of a module name from :func:`module_of_parameter`."""
+        if module not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(
+                f"No learning-rate multiplier for module {module!r}; known: "
+                f"{[f.name for f in dataclasses.fields(self)]}."
+            )
+        return float(getattr(self, module))
+
+
+def module_of_parameter(name: str) -> str:
+    """Which learning-rate group a parameter name belongs to.
+
+    >>> module_of_parameter("codebook.codebook")
+    'codebook'
+    >>> module_of_parameter("vlm.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    'lora'
+    >>> module_of_parameter("module.mask_decoder.iou_token.weight")
+    'mask_decoder'
+    """
+    stripped = name
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if stripped.startswith(prefix):
+                stripped = stripped[len(prefix) :]
+                changed = True
+    if ".lora_" in f".{stripped}":
+        return "lora"
+    head = stripped.split(".", 1)[0]
+    return head if head in MODULE_NAMES else "other"
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay.
+
+    The rule of `transformers.Trainer` (no decay for biases, LayerNorm weights and names
+    matching "norm" / "layernorm" / "rmsnorm"), tightened in two ways the Trainer's rule
+    misses on this model: no decay for any normalisation layer whatever its name (Qwen2.5-VL's
+    vision blocks call their RMSNorms ``norm1`` / ``norm2``), and none for 1-D parameters
+    (SAE biases, jumprelu thresholds; decaying a threshold would silently densify codes).
+    """
+    forbidden = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    trainer_rule = set(get_parameter_names(model, [nn.LayerNorm], forbidden))
+    norm_params = {
+        f"{module_name}.{param_name}" if module_name else param_name
+        for module_name, module in model.named_modules()
+        if "norm" in type(module).__name__.lower()
+        for param_name, _ in module.named_parameters(recurse=False)
+    }
+    return [
+        name
+        for name, param in model.named_parameters()
+        if name in trainer_rule and name not in norm_params and param.dim() >= 2
+    ]
+
+
+def build_param_groups(
+    model: nn.Module,
+    base_lr: float,
+    multipliers: ModuleLearningRates | None = None,
+    weight_decay: float = 0.0,
+    *,
+    decay_parameters: Iterable[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: one per (module, decay / no decay), with its own lr.
+
+    Usable with any `torch.optim` optimizer: ``AdamW(build_param_groups(model, 1e-6))``.
+    Learning-rate schedulers (`LambdaLR` and the Trainer's) scale every group's own lr, so
+    the ratios hold for the whole run.
+
+    Args:
+        model: a `SegCompassForReasoningSegmentation` (optionally wrapped by PEFT / DDP).
+        base_lr: learning rate of the LLM (multiplier 1.0).
+        multipliers: per-module multipliers (default :meth:`ModuleLearningRates.paper`).
+        weight_decay: decay of the decayed groups (others get 0).
+        decay_parameters: names that get weight decay (default :func:`decay_parameter_names`,
+            the Trainer's rule plus every norm layer and 1-D parameter).
+
+    Returns:
+        A list of dicts with keys ``params`` (list of tensors), ``lr``, ``weight_decay``,
+        ``name`` (e.g. ``"codebook"`` or ``"codebook.no_decay"``) and ``lr_multiplier``.
+        Frozen parameters (``requires_grad=False``) and modules with multiplier 0 are left out;
+        empty groups are omitted.
+    """
+    if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not base_lr > 0:
+        raise ValueError(f"build_param_groups: base_lr must be a number > 0, got {base_lr!r}.")
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(
+            f"build_param_groups: weight_decay must be a number >= 0, got {weight_decay!r}."
+        )
+    multipliers = ModuleLearningRates.paper() if multipliers is None else multipliers
+    if not isinstance(multipliers, ModuleLearningRates):
+        raise TypeError(
+            "build_param_groups: multipliers must be a ModuleLearningRates, got "
+            f"{type(multipliers).__name__}; e.g. ModuleLearningRates(codebook=30.0)."
+        )
+    decay = set(decay_parameter_names(model) if decay_parameters is None else decay_parameters)
+    groups: dict[str, dict[str, Any]] = {}
+    frozen_modules: set[str] = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        module = module_of_parameter(name)
+        factor = multipliers.multiplier(module)
+        if factor == 0:
+            frozen_modules.add(module)
+            continue
+        decayed = name in decay
+        key = module if decayed else f"{module}.no_decay"
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": base_lr * factor,
+                "weight_decay": weight_decay if decayed else 0.0,
+                "name": key,
+                "lr_multiplier": factor,
+            }
+        groups[key]["params"].append(param)
+    if frozen_modules:
+        logger.info("Multiplier 0: %s left out of the optimizer.", sorted(frozen_modules))
+    if not groups:
+        raise ValueError(
+            "build_param_groups: no trainable parameter (all have requires_grad=False or "
+            "multiplier 0); unfreeze some modules or raise their multipliers."
+        )
+    return list(groups.values())
+
+
+class SegCompassTrainer(AtomicCheckpointMixin, Trainer):
+    """`transformers.Trainer` with per-module learning rates, atomic checkpoints, loss parts.
+
+    Args:
+        module_learning_rates: multipliers of ``args.learning_rate`` per module (default
+            :meth:`ModuleLearningRates.paper`; use :meth:`ModuleLearningRates.uniform` for one
+            rate). Ignored when ``optimizers=`` supplies an optimizer.
+        *args, **kwargs: those of `transformers.Trainer`.
+
+    The model's loss is a mean, so the Trainer must divide it by the gradient-accumulation
+    steps and must not pass ``num_items_in_batch`` into the forward: this is set here
+    (``model_accepts_loss_kwargs = False``).
+    """
+
+    LOSS_PARTS: tuple[str, ...] = ("lm_loss", "seg_loss", "conf_loss", "sae_loss")
+
+    def __init__(
+        self, *args: Any, module_learning_rates: ModuleLearningRates | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # The collator's processor and the model meet here: refuse a tokenizer whose
+        # <REF_POS> (or think) ids are not the model's before any step trains on them.
+        processor = getattr(self.data_collator, "processor", None)
+        check = getattr(getattr(self.model, "config", None), "check_special_tokens", None)
+        if processor is not None and check is not None:
+            check(processor)
+        self.module_learning_rates = (
+            ModuleLearningRates.paper() if module_learning_rates is None else module_learning_rates
+        )
+        if not isinstance(self.module_learning_rates, ModuleLearningRates):
+            raise TypeError(
+                "SegCompassTrainer: module_learning_rates must be a ModuleLearningRates, got "
+                f"{type(self.module_learning_rates).__name__}."
+            )
+        self.model_accepts_loss_kwargs = False
+        self._loss_part_sums: dict[str, float] = {}
+        self._loss_part_counts: dict[str, int] = {}
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer class and kwargs over :func:`build_param_groups`."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is None:
+            groups = build_param_groups(
+                opt_model,
+                self.args.learning_rate,
+                self.module_learning_rates,
+                self.args.weight_decay,
+                # the Trainer's rule (overridable) minus what decay_parameter_names excludes
+                decay_parameters=set(self.get_decay_parameter_names(opt_model))
+                & set(decay_parameter_names(opt_model)),
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(
+                self.args, opt_model
+            )
+            if any(k in optimizer_kwargs for k in ("params", "model", "optimizer_dict")):
+                raise ValueError(
+                    f"SegCompassTrainer: optimizer {self.args.optim!r} builds its own parameter "
+                    "groups, which would drop the per-module learning rates; use an AdamW/SGD "
+                    "family optimizer or pass `optimizers=(optimizer, None)`."
+                )
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            for group in groups:
+                logger.info(
+                    "lr group %-24s lr=%.3g wd=%.3g params=%d",
+                    group["name"],
+                    group["lr"],
+                    group["weight_decay"],
+                    sum(p.numel() for p in group["params"]),
+                )
+        return self.optimizer
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if model.training and isinstance(outputs, Mapping):
+            for part in self.LOSS_PARTS:
+                value = outputs.get(part)
+                if value is not None:
+                    self._loss_part_sums[part] = self._loss_part_sums.get(part, 0.0) + float(
+                        value.detach()
+                    )
+                    self._loss_part_counts[part] = self._loss_part_counts.get(part, 0) + 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean lm / seg / conf / sae losses since the last training log."""
+        if "loss" in logs and self._loss_part_counts:
+            for part, total in self._loss_part_sums.items():
+                logs[part] = round(total / self._loss_part_counts[part], 6)
+            self._loss_part_sums.clear()
+            self._loss_part_counts.clear()
+        super().log(logs, start_time)
+
+
+# ---------------------------------------------------------------------- LoRA
+def lora_target_modules(
+    model: nn.Module, projections: Iterable[str] = LORA_PROJECTIONS
+) -> list[str]:
+    """Names (relative to ``model.vlm``) of the language model's attention projections.
+
+    Only the decoder layers of the language model are targeted (the vision tower's
+    attention is left alone), found through the same lookup the forward uses.
+    """
+    vlm = _vlm_of(model)
+    layers = _decoder_layers(vlm)
+    layer_ids = {id(layer) for layer in layers}
+    projections = tuple(projections)
+    names = []
+    for name, module in vlm.named_modules():
+        if id(module) in layer_ids:
+            for sub_name, sub in module.named_modules():
+                if sub_name.rsplit(".", 1)[-1] in projections and isinstance(sub, nn.Linear):
+                    names.append(f"{name}.{sub_name}")
+    if not names:
+        raise ValueError(
+            f"lora_target_modules: no nn.Linear named {list(projections)} in the decoder layers "
+            f"of {type(vlm).__name__}; pass the projection names of this VLM family."
+        )
+    return names
+
+
+def default_lora_config(
+    model: nn.Module, *, r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0
+) -> Any:
+    """A `peft.LoraConfig` on the language model's q/k/v/o projections of ``model.vlm``."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=lora_target_modules(model),
+        bias="none",
+    )
+
+
+def _vlm_of(model: nn.Module) -> nn.Module:
+    vlm = getattr(model, "vlm", None)
+    if vlm is None:
+        raise TypeError(
+            f"Expected a SegCompassForReasoningSegmentation (with a `.vlm`), got "
+            f"{type(model).__name__}."
+        )
+    return vlm
+
+
+def apply_lora(model: nn.Module, lora_config: Any = None) -> nn.Module:
+    """Inject LoRA adapters into ``model.vlm``; freeze the VLM's base weights, keep heads.
+
+    After this, the trainable parameters are the LoRA adapters and every head (sae,
+    codebook, slot_mapper, image_encoder, prompt_encoder, mask_decoder) that was trainable
+    before; the VLM's own weights (vision tower, embeddings, LM head included) are frozen.
+
+    Args:
+        model: a `SegCompassForReasoningSegmentation`; modified in place.
+        lora_config: a `peft.LoraConfig` whose ``target_modules`` name modules of
+            ``model.vlm`` (default :func:`default_lora_config`).
+
+    Returns:
+        The same model (a plain `SegCompassForReasoningSegmentation`).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    vlm = _vlm_of(model)
+    if lora_config is None:
+        lora_config = default_lora_config(model)
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(
+            f"apply_lora: expected a peft.LoraConfig, got {type(lora_config).__name__}."
+        )
+    if has_lora(model):
+        raise ValueError(
+            "apply_lora: the model already has LoRA layers; merge them first (merge_lora) or "
+            "train the existing ones."
+        )
+    if lora_config.modules_to_save:
+        raise ValueError(
+            "apply_lora: `modules_to_save` is not needed (and not supported): the heads are "
+            "outside the VLM and stay fully trainable. Remove it from the LoraConfig."
+        )
+    inject_adapter_in_model(lora_config, vlm)
+    for name, param in vlm.named_parameters():
+        param.requires_grad_(".lora_" in f".{name}")
+    trainable = sum(p.numel() for n, p in vlm.named_parameters() if p.requires_grad)
+    logger.info("LoRA injected into the VLM: %d adapter parameters train.", trainable)
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether ``model`` holds injected LoRA layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its base weight and remove the LoRA layers, in place.
+
+    The result is a plain `SegCompassForReasoningSegmentation` (same outputs up to float
+    rounding) that ``save_pretrained`` / ``from_pretrained`` handle like any other. VLM
+    parameters stay frozen as they were during LoRA training.
+
+    Returns:
+        The same model object.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+        replaced += 1
+    if replaced == 0:
+        logger.warning("merge_lora: the model has no LoRA layers; nothing merged.")
+    else:
+        logger.info("merge_lora: merged and removed %d LoRA layers.", replaced)
+    return model
+
+
+# ---------------------------------------------------------------------- one call
+def sft_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
+    """`TrainingArguments` with the settings SegCompass SFT needs, overridable.
+
+    Fixed defaults: ``remove_unused_columns=False`` (the collator needs the raw columns),
+    ``prediction_loss_only=True`` (eval returns the loss, not (B, K, M, M) tensors),
+    ``report_to=[]``, ``dataloader_num_workers=0``; on a machine without CUDA,
+    ``use_cpu=True`` and ``bf16=False``. Anything can be overridden.
+    """
+    defaults: dict[str, Any] = {
+        "output_dir": output_dir,
+        "remove_unused_columns": False,
+        "prediction_loss_only": True,
+        "report_to": [],
+        "dataloader_num_workers": 0,
+        "save_strategy": "steps",
+        "save_steps": 500,
+        "logging_steps": 10,
+    }
+    if not torch.cuda.is_available():
+        defaults.update(use_cpu=True, bf16=False)
+    defaults.update(overrides)
+    return TrainingArguments(**defaults)
+
+
+@dataclass
+class SFTResult:
+    """What :func:`train_sft` returns.
+
+    Attributes:
+        trainer: the `SegCompassTrainer` (its ``state.log_history`` has the losses).
+        train_output: `transformers.trainer_utils.TrainOutput` of ``trainer.train()``.
+        eval_metrics: ``trainer.evaluate()`` after training when an eval set was given.
+    """
+
+    trainer: SegCompassTrainer
+    train_output: TrainOutput
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_sft(
+    model: nn.Module,
+    train_dataset: Any,
+    *,
+    processor: Any = None,
+    args: TrainingArguments | None = None,
+    eval_dataset: Any = None,
+    data_collator: Callable[[list[Any]], dict[str, Any]] | None = None,
+    lora: Any = None,
+    module_learning_rates: ModuleLearningRates | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    callbacks: list[Any] | None = None,
+) -> SFTResult:
+    """Supervised fine-tuning: LM loss on the gold response + segmentation losses.
+
+    Args:
+        model: a `SegCompassForReasoningSegmentation` (put in train mode by the Trainer).
+        train_dataset: rows with ``image``, ``instruction``, ``response``, ``masks``,
+            ``num_objects`` (the synthetic world / data_formats schema), or anything
+            ``data_collator`` understands.
+        processor: the model's `SegCompassProcessor`; builds a `SegCompassCollator` when no
+            ``data_collator`` is given.
+        args: `TrainingArguments` (default :func:`sft_training_arguments` in ``./segcompass-sft``);
+            ``remove_unused_columns`` is forced to False.
+        eval_dataset: evaluated (loss only) after training.
+        data_collator: overrides the processor's collator.
+        lora: None (full fine-tuning), True (:func:`default_lora_config`) or a
+            `peft.LoraConfig` on modules of ``model.vlm``: see :func:`apply_lora`. Merge with
+            :func:`merge_lora` before export.
+        module_learning_rates: per-module multipliers (default the paper's).
+        resume_from_checkpoint: a checkpoint path, or True for the last complete one in
+            ``args.output_dir``.
+        callbacks: extra `TrainerCallback` objects.
+    """
+    if data_collator is None:
+        if processor is None:
+            raise ValueError(
+                "train_sft needs `processor=` (a SegCompassProcessor, to build the collator) or "
+                "a `data_collator=`."
+            )
+        from ..data.collator import SegCompassCollator
+
+        data_collator = SegCompassCollator(processor)
+    if args is None:
+        args = sft_training_arguments("segcompass-sft")
+    if args.remove_unused_columns:
+        logger.info("train_sft: setting remove_unused_columns=False (the collator needs them).")
+        args.remove_unused_columns = False
+    if lora is not None and lora is not False:
+        apply_lora(model, None if lora is True else lora)
+    trainer = SegCompassTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator,
+        module_learning_rates=module_learning_rates,
+        callbacks=callbacks,
+    )
+    train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+    return SFTResult(trainer=trainer, train_output=train_output, eval_metrics=eval_metrics)
+
+
+__all__ = [
+    "LORA_PROJECTIONS",
+    "MODULE_NAMES",
+    "ModuleLearningRates",
+    "SFTResult",
+    "SegCompassTrainer",
+    "apply_lora",
+    "build_param_groups",
+    "decay_parameter_names",
+    "default_lora_config",
+    "has_lora",
+    "lora_target_modules",
+    "merge_lora",
+    "module_of_parameter",
+    "sft_training_arguments",
+    "train_sft",
+]

@@ -1,0 +1,120 @@
+"""A reduced-size run of the embedded default, end to end (what `make demo` runs at full size)."""
+
+import json
+
+from modeling_segcompass.demo.run import run_demo
+
+
+def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path):
+    summary = run_demo(tmp_path / "demo", minutes=2, quick=True, seed=0)
+    expected_stages = {
+        "data", "vlm_pretraining", "sae_pretraining", "supervised_warmup", "eval_warmup", "grpo", "evaluation",
+        "interpretability", "export_and_reload",
+    }  # fmt: skip
+    assert expected_stages <= set(summary.stage_times_s)
+    assert summary.sft_steps == 3 and summary.grpo_steps == 1
+    # the SAE was really trained: topk L0 is k and the reconstruction improved
+    assert summary.sae["l0"] == 16
+    assert summary.sae["fvu"] < summary.sae["initial_fvu"]
+    evaluation = json.loads((tmp_path / "demo" / "evaluation.json").read_text())
+    assert summary.vlm_pretraining["steps"] == 3
+    assert set(summary.image_dependence) >= {"loss_right_image", "loss_other_image", "gap"}
+    for key in ("oracle_cot_warmup", "oracle_cot", "end_to_end_warmup", "end_to_end"):
+        overall = evaluation[key]["overall"]
+        assert 0.0 <= overall["gIoU"] <= 1.0 and overall["n"] == summary.num_held_out
+        assert "| overall |" in evaluation[key]["table"]
+    # the exported folder was loaded where the package could not be imported
+    assert summary.reload_check["class_module"].startswith("transformers_modules.")
+    assert 0.0 <= summary.reload_check["iou"] <= 1.0
+    for path in summary.files.values():
+        assert (tmp_path / "demo").exists() and __import__("pathlib").Path(path).exists(), path
+    hub = tmp_path / "demo" / "hub_model"
+    assert (hub / "model.safetensors").exists() and (hub / "README.md").exists()
+    assert (hub / "concept_labels.json").exists()
+    text = summary.to_text()
+    assert "# SegCompass demo summary" in text and "- reload: ok" in text
+    assert (tmp_path / "demo" / "summary.md").read_text().strip() == text.strip()
+
+
+def test_time_schedule_warms_up_by_steps_then_decays_on_wall_time(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    import modeling_segcompass.demo.run as demo
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(demo.time, "time", lambda: clock["now"])
+    weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": [weights[0]], "lr": 1.0},
+                                 {"params": [weights[1]], "lr": 0.5}])  # fmt: skip
+    callback = demo._time_schedule_callback(deadline=200.0, warmup_steps=4)
+    state = SimpleNamespace(global_step=0)
+    callback.on_train_begin(None, state, None, optimizer=optimizer)
+
+    def lrs_at(step, now):
+        state.global_step, clock["now"] = step, now
+        callback.on_step_begin(None, state, None, optimizer=optimizer)
+        return [group["lr"] for group in optimizer.param_groups]
+
+    assert lrs_at(0, 100.0) == [0.25, 0.125]  # warm-up: (step + 1) / 4, per group
+    assert lrs_at(3, 110.0) == [1.0, 0.5]
+    # the cosine starts at the first post-warm-up step (t = 120) and ends at the deadline
+    assert lrs_at(4, 120.0) == [1.0, 0.5]
+    assert lrs_at(5, 160.0) == [0.55, 0.275]  # half way: 0.1 + 0.9 * 0.5
+    assert lrs_at(6, 200.0) == [0.1, 0.05]
+    assert lrs_at(7, 500.0) == [0.1, 0.05]  # past the deadline: the floor
+    logs = {"learning_rate": 123.0}
+    callback.on_log(None, state, None, logs=logs)
+    assert logs["learning_rate"] == 0.1
+
+
+def test_reload_step_takes_a_relative_output_folder_from_another_working_directory(
+    tmp_path, monkeypatch
+):
+    """`make demo` passes the relative `demo_output`; the reload child runs inside the exported
+    folder, so a relative path must not reach it as-is (it would be looked up on the Hub)."""
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+    from modeling_segcompass.demo.run import DemoSummary, _reload_in_fresh_process, _write_summary
+    from modeling_segcompass.serving.hub import export
+    from tests.helpers import build_tiny_tokenizer_and_processor
+
+    tokenizer, processor = build_tiny_tokenizer_and_processor(num_slots=3)
+    torch.manual_seed(0)
+    model = SegCompassForReasoningSegmentation(SegCompassConfig.tiny(vocab_size=len(tokenizer)))
+    workdir = tmp_path / "elsewhere"
+    (workdir / "demo_output").mkdir(parents=True)
+    monkeypatch.chdir(workdir)
+    export(model.eval(), processor, Path("demo_output/hub_model"), repo_id="local/x", toy=True)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save("demo_output/example.png")
+
+    result = _reload_in_fresh_process(
+        Path("demo_output/hub_model"), Path("demo_output/example.png"), "the red square", 6
+    )
+    assert result["class_module"].startswith("transformers_modules.")
+    assert result["instruction"] == "the red square"
+    assert len(result["mask"]) == 32 and len(result["mask"][0]) == 32
+
+    # The summary records the reload in summary.md, as `.ci/run` checks it.
+    summary = DemoSummary(output_dir="demo_output", wall_time_s=1.0)
+    summary.reload_check = {**{k: v for k, v in result.items() if k != "mask"}, "ok": True}
+    _write_summary(summary, Path("demo_output"))
+    text = Path("demo_output/summary.md").read_text()
+    assert "- reload: ok" in text and "transformers_modules." in text
+
+
+def test_reload_step_refuses_a_folder_without_an_export(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import pytest
+
+    from modeling_segcompass.demo.run import _reload_in_fresh_process
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        _reload_in_fresh_process(Path("nothing_here"), Path("x.png"), "the red square", 6)

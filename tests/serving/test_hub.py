@@ -1,0 +1,364 @@
+"""Hub export: the folder works without the package, the card parses and its usage runs,
+push uploads the folder, the endpoint handler and the Gradio app work locally."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from transformers import pipeline
+
+from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+from modeling_segcompass.pipeline_segcompass import TASK
+from modeling_segcompass.serving.endpoint_handler import EndpointHandler, mask_to_rle, rle_to_mask
+from modeling_segcompass.serving.hub import (
+    EvaluationReport,
+    build_model_card,
+    export,
+    extract_python_blocks,
+    push_to_hub,
+)
+from modeling_segcompass.serving.space_app import (
+    PALETTE,
+    build_demo,
+    overlay_masks,
+    segment_for_demo,
+)
+from tests.helpers import HIDE_PACKAGE, build_tiny_tokenizer_and_processor, force_answer
+
+REPO_ID = "segcompass-tests/tiny-synthetic"
+EVALUATION = {
+    "overall": {"gIoU": 0.4123, "cIoU": 0.5, "N-acc": None, "T-acc": 1.0, "n": 12},
+    "per_family": {"attribute": {"gIoU": 0.6, "cIoU": 0.55, "n": 6}},
+    "empty_iou": 1.0,
+}
+FORCE_REFS = {"prefix_allowed_tokens_fn": force_answer(3)}  # a well-formed answer, K = 3
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tokenizer, processor = build_tiny_tokenizer_and_processor(num_slots=3)
+    torch.manual_seed(0)
+    model = SegCompassForReasoningSegmentation(SegCompassConfig.tiny(vocab_size=len(tokenizer)))
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def exported(parts, tmp_path_factory):
+    model, processor = parts
+    folder = tmp_path_factory.mktemp("export") / "model"
+    return export(
+        model,
+        processor,
+        folder,
+        repo_id=REPO_ID,
+        toy=True,
+        base_models=["Qwen/Qwen2.5-VL-7B-Instruct"],
+        datasets=["synthetic-shapes"],
+        evaluation=EVALUATION,
+        eval_dataset_name="SegCompass synthetic world",
+        eval_split="test",
+        training={"stages": "SAE pretraining, supervised warm-up, GRPO", "steps": 300},
+    )
+
+
+@pytest.fixture(scope="module")
+def pipe(parts):
+    model, processor = parts
+    return pipeline(TASK, model=model, processor=processor)
+
+
+def test_export_writes_a_complete_folder(exported):
+    folder = exported.folder
+    for name in (
+        "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+        "README.md", "handler.py", "app.py", "requirements.txt", "configuration_segcompass.py",
+        "modeling_segcompass.py", "processing_segcompass.py", "pipeline_segcompass.py",
+    ):  # fmt: skip
+        assert name in exported.files, name
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in exported.files)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["custom_pipelines"][TASK]["impl"] == (
+        "pipeline_segcompass.ReasoningSegmentationPipeline"
+    )
+    assert config["auto_map"]["AutoModel"].endswith("SegCompassForReasoningSegmentation")
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == (
+        "processing_segcompass.SegCompassProcessor"
+    )
+    assert f"DEFAULT_MODEL_ID = {REPO_ID!r}" in (folder / "app.py").read_text()
+    for path in folder.glob("*.py"):  # the export never needs the package
+        text = path.read_text()
+        assert "import modeling_segcompass" not in text and "from modeling_segcompass" not in text
+
+
+def test_export_refuses_a_non_empty_folder(parts, tmp_path):
+    (tmp_path / "something.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(*parts, tmp_path, repo_id=REPO_ID)
+
+
+def test_card_parses_and_holds_the_run_facts(exported):
+    card = ModelCard.load(exported.folder / "README.md")
+    data = card.data
+    assert data.license == "apache-2.0"
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-segmentation"
+    assert {"custom_code", "reasoning-segmentation", "toy"} <= set(data.tags)
+    assert data.base_model == ["Qwen/Qwen2.5-VL-7B-Instruct"]
+    assert data.datasets == ["synthetic-shapes"]
+    assert data.widget == [{"text": "the red square"}]
+    # metrics: exactly the given floats (None and counts left out), with the dataset named
+    results = {r.metric_type: r for r in data.eval_results}
+    assert set(results) == {"gIoU", "cIoU", "T-acc"}
+    assert results["gIoU"].metric_value == pytest.approx(0.4123)
+    assert results["gIoU"].dataset_name == "SegCompass synthetic world"
+    assert results["gIoU"].dataset_split == "test"
+    text = card.text
+    assert (
+        "| attribute | 60.00 | 55.00 | - |" in text
+        and "| overall | 41.23 | 50.00 | 100.00 |" in text
+    )
+    for heading in ("## Usage", "## Training recipe", "## Limitations", "## Interpretability",
+                    "## Citation", "## Serving"):  # fmt: skip
+        assert heading in text
+    assert "toy model" in text and "synthetic" in text
+    assert "| steps | 300 |" in text and "2605.22658" in text
+
+
+def test_card_without_evaluation_says_so_and_refuses_empty_metrics(parts):
+    card = build_model_card(parts[0].config, repo_id=REPO_ID)
+    assert card.data.eval_results is None
+    assert "No evaluation numbers were given" in card.text
+    assert "toy model" not in card.text  # only the toy export says it is one
+    with pytest.raises(ValueError, match="no metric value"):
+        EvaluationReport.from_any({"n": 3})
+    with pytest.raises(TypeError, match="dict of metric values"):
+        EvaluationReport.from_any([0.5])
+
+
+def test_push_uploads_the_folder_to_the_repo(exported):
+    with (
+        mock.patch("modeling_segcompass.serving.hub.HfApi.create_repo") as create_repo,
+        mock.patch("modeling_segcompass.serving.hub.HfApi.upload_folder") as upload_folder,
+    ):
+        upload_folder.return_value = "commit-info"
+        out = push_to_hub(exported.folder, REPO_ID, private=True)
+    assert out == "commit-info"
+    create_repo.assert_called_once()
+    assert create_repo.call_args.kwargs["repo_id"] == REPO_ID
+    assert create_repo.call_args.kwargs["private"] is True
+    assert create_repo.call_args.kwargs["exist_ok"] is True
+    kwargs = upload_folder.call_args.kwargs
+    assert kwargs["folder_path"] == str(exported.folder)
+    assert kwargs["repo_id"] == REPO_ID and kwargs["repo_type"] == "model"
+
+
+def test_push_refuses_a_folder_that_is_not_an_export(tmp_path):
+    with mock.patch("modeling_segcompass.serving.hub.HfApi.upload_folder") as upload_folder:
+        with pytest.raises(FileNotFoundError, match="not an export folder"):
+            push_to_hub(tmp_path, REPO_ID)
+    upload_folder.assert_not_called()
+
+
+FRESH_PROCESS = (
+    HIDE_PACKAGE
+    + inspect.getsource(force_answer)
+    + textwrap.dedent(
+        """
+    import io, json, sys, contextlib
+
+    import numpy as np
+    from transformers import AutoProcessor, pipeline
+
+    folder, snippets = sys.argv[1], json.loads(sys.argv[2])
+    report = {"snippets": []}
+    for code in snippets:  # the card's usage, as a user would paste it
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            exec(compile(code, "card-snippet", "exec"), {"__name__": "__main__"})
+        report["snippets"].append(buffer.getvalue())
+
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    report["processor"] = type(processor).__name__
+    pipe = pipeline(model=folder, trust_remote_code=True)
+    image = np.load(folder + "/probe_image.npy")
+    out = pipe(image, "the red square", max_new_tokens=7, confidence_threshold=-1e9,
+               generation_kwargs={"prefix_allowed_tokens_fn": force_answer(3)})
+    report.update(
+        pipeline=type(pipe).__name__,
+        module=type(pipe.model).__module__,
+        text=out["text"],
+        scores=out["scores"],
+        masks=[m.astype(int).tolist() for m in out["masks"]],
+        trace_slots=[t["slot"] for t in out["concept_trace"]],
+    )
+    print(json.dumps(report))
+    """
+    )
+)
+
+
+def test_export_works_in_a_fresh_process_without_the_package(exported, pipe):
+    folder = exported.folder
+    probe = np.random.default_rng(3).integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    np.save(folder / "probe_image.npy", probe)  # test-made array, not a pickle
+    snippets = [
+        code.replace(REPO_ID, str(folder)) for code in extract_python_blocks(exported.card.text)
+    ]
+    assert len(snippets) == 2 and all("trust_remote_code=True" in s for s in snippets)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(folder), json.dumps(snippets)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    (folder / "probe_image.npy").unlink()
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["processor"] == "SegCompassProcessor"
+    assert report["pipeline"] == "ReasoningSegmentationPipeline"
+    assert report["module"].startswith("transformers_modules.")
+    assert "(64, 64)" in report["snippets"][0] or "[]" in report["snippets"][0]
+    assert "torch.Size" in report["snippets"][1]
+    # the same answer as the pipeline built in this process from the in-memory model
+    expected = pipe(probe, "the red square", max_new_tokens=7, confidence_threshold=-1e9,
+                    generation_kwargs=FORCE_REFS)  # fmt: skip
+    assert report["text"] == expected["text"] == "<think>+</think><REF_POS><REF_POS><REF_POS>"
+    assert report["scores"] == pytest.approx(expected["scores"], rel=1e-5)
+    assert report["trace_slots"] == [0, 1, 2]
+    for got, want in zip(report["masks"], expected["masks"]):
+        np.testing.assert_array_equal(np.array(got, dtype=bool), want)
+
+
+# --------------------------------------------------------------------------- endpoint handler
+def test_rle_round_trip_and_hand_computed_runs():
+    mask = np.array([[0, 1, 1], [0, 1, 0]], dtype=bool)
+    # column-major: col0 = 0 0, col1 = 1 1, col2 = 1 0 -> runs 2 zeros, 3 ones, 1 zero
+    assert mask_to_rle(mask) == {"size": [2, 3], "counts": [2, 3, 1]}
+    assert mask_to_rle(np.ones((2, 2), bool))["counts"] == [0, 4]  # starts with background
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (5, 7), (16, 9)):
+        random = rng.random(shape) > 0.5
+        np.testing.assert_array_equal(rle_to_mask(mask_to_rle(random)), random)
+    with pytest.raises(ValueError, match="sum to"):
+        rle_to_mask({"size": [2, 2], "counts": [1, 1]})
+
+
+def png_base64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_endpoint_handler_answers_base64_and_binary_requests(pipe):
+    handler = EndpointHandler(pipe=pipe)
+    picture = np.random.default_rng(5).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    parameters = {"max_new_tokens": 7, "confidence_threshold": -1e9}
+    expected = pipe(picture, "the red square", generation_kwargs=FORCE_REFS, **parameters)
+    with mock.patch.object(pipe, "_forward_params", {"generation_kwargs": FORCE_REFS}):
+        as_json = handler(
+            {
+                "inputs": {"image": "data:image/png;base64," + png_base64(picture),
+                           "instruction": "the red square"},
+                "parameters": parameters,
+            }
+        )  # fmt: skip
+        binary = handler(
+            {
+                "inputs": Image.fromarray(picture),
+                "parameters": {**parameters, "instruction": "the red square"},
+            }
+        )
+    json.dumps(as_json)  # the response is JSON-serialisable
+    for response in (as_json, binary):
+        assert response["text"] == expected["text"]
+        assert response["scores"] == pytest.approx(expected["scores"])
+        assert len(response["masks"]) == 3
+        for rle, want in zip(response["masks"], expected["masks"]):
+            np.testing.assert_array_equal(rle_to_mask(rle), want)
+        assert len(response["concept_trace"]) == 3
+
+
+def test_endpoint_handler_refuses_bad_requests(pipe):
+    handler = EndpointHandler(pipe=pipe)
+    picture = png_base64(np.zeros((8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="instruction"):
+        handler({"inputs": {"image": picture}})
+    with pytest.raises(ValueError, match="Unknown parameters"):
+        handler({"inputs": {"image": picture, "instruction": "x"}, "parameters": {"top_p": 1}})
+    with pytest.raises(ValueError, match="base64"):
+        handler({"inputs": {"image": "not base64 !", "instruction": "x"}})
+    with pytest.raises(ValueError, match="decode the image"):
+        handler({"inputs": {"image": base64.b64encode(b"abc").decode(), "instruction": "x"}})
+
+
+# --------------------------------------------------------------------------- Gradio app
+def test_overlay_blends_each_mask_in_its_colour():
+    picture = np.full((2, 3, 3), 100, dtype=np.uint8)
+    first = np.array([[1, 0, 0], [0, 0, 0]], dtype=bool)
+    second = np.array([[1, 1, 0], [0, 0, 0]], dtype=bool)
+    out = overlay_masks(picture, [first, second], alpha=0.5)
+    once = 0.5 * 100 + 0.5 * np.array(PALETTE[0], dtype=float)
+    np.testing.assert_array_equal(out[0, 0], np.rint(0.5 * once + 0.5 * np.array(PALETTE[1])))
+    np.testing.assert_array_equal(out[0, 1], np.rint(0.5 * 100 + 0.5 * np.array(PALETTE[1])))
+    np.testing.assert_array_equal(out[1], picture[1])  # outside every mask: unchanged
+    with pytest.raises(ValueError, match="shape"):
+        overlay_masks(picture, [np.zeros((3, 3), bool)])
+
+
+def test_demo_function_shows_masks_text_and_trace():
+    picture = np.zeros((4, 5, 3), dtype=np.uint8)
+    mask = np.zeros((4, 5), dtype=bool)
+    mask[1:3, 2:4] = True
+    calls = []
+
+    def fake_pipe(image, instruction, **kwargs):
+        calls.append((image.shape, instruction, kwargs))
+        return {
+            "masks": [mask],
+            "scores": [0.8],
+            "slot_indices": [1],
+            "text": "<think> red square </think> <REF_POS>",
+            "reason": None,
+            "concept_trace": [{"slot": 1, "kept": True, "concepts": []}],
+        }
+
+    result = segment_for_demo(fake_pipe, Image.fromarray(picture), "  the red square ",
+                              max_new_tokens=8)  # fmt: skip
+    assert calls == [((4, 5, 3), "the red square", {"max_new_tokens": 8})]
+    np.testing.assert_array_equal(result.overlay[mask], np.rint(0.5 * np.array([PALETTE[0]] * 4)))
+    assert (result.overlay[~mask] == 0).all()
+    assert "red square" in result.text and "slot 1" in result.text and "0.80" in result.text
+    assert json.loads(result.trace_json)[0]["slot"] == 1
+    with pytest.raises(ValueError, match="instruction"):
+        segment_for_demo(fake_pipe, picture, " ")
+
+
+def test_demo_function_with_the_real_pipeline_explains_a_missing_mask(pipe):
+    picture = np.random.default_rng(1).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    result = segment_for_demo(pipe, picture, "the red square", max_new_tokens=7,
+                              confidence_threshold=1e9, generation_kwargs=FORCE_REFS)  # fmt: skip
+    np.testing.assert_array_equal(result.overlay, picture)  # no mask, nothing drawn
+    assert "No mask:" in result.text and "confidence threshold" in result.text
+    assert len(json.loads(result.trace_json)) == 3
+
+
+def test_gradio_blocks_build(pipe):
+    gr = pytest.importorskip("gradio", reason="gradio is not installed (the `serve` extra)")
+    demo = build_demo(pipe)
+    assert isinstance(demo, gr.Blocks)
