@@ -32,6 +32,7 @@ from transformers.models.sam.modeling_sam import (
 )
 from transformers.utils import ModelOutput
 
+from .answer_format import AnswerTokenIds, grounding_problem, parse_answer_ids
 from .configuration_segcompass import SegCompassConfig
 from .conv_image_encoder import ConvImageEncoder
 from .losses import SegmentationLossOutput, compute_segmentation_loss
@@ -123,55 +124,8 @@ class SegmentationResult:
     reason: str | None = None
 
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-REF_TOKEN = "<REF_POS>"
-
-
-def completion_format_problem(text: str, num_slots: int) -> str | None:
-    """Why a completion cannot be grounded, or None when its format allows it.
-
-    The rules (what `segment(strict_format=True)` enforces; the format *reward* is stricter
-    and grades style too, see `rewards.format_score`): at least one `<REF_POS>`; exactly one
-    `</think>`; at most one `<think>`, before `</think>` (a chat template may open the
-    thought in the prompt); no `<REF_POS>` inside the thought; at most `num_slots`
-    `<REF_POS>` tokens.
-
-    Args:
-        text: the completion, decoded with its special tokens.
-        num_slots: K, the number of slots of the model.
-
-    Returns:
-        A sentence naming the problem, or None.
-
-    Example:
-        >>> completion_format_problem("<think>a red circle</think><REF_POS>", 3) is None
-        True
-    """
-    refs = text.count(REF_TOKEN)
-    opens, closes = text.count(THINK_OPEN), text.count(THINK_CLOSE)
-    if refs == 0:
-        return "no <REF_POS> token in the completion, so no slot is grounded"
-    if closes != 1 or opens > 1:
-        return (
-            f"the completion breaks the format: it needs one <think>...</think> block before "
-            f"its <REF_POS> tokens but has {opens} <think> and {closes} </think> tags, so "
-            "its reasoning did not finish and no slot is grounded"
-        )
-    end = text.find(THINK_CLOSE)
-    if opens == 1 and text.find(THINK_OPEN) > end:
-        return "the completion breaks the format: </think> comes before <think>"
-    if text.find(REF_TOKEN) < end:
-        return (
-            "the completion breaks the format: a <REF_POS> token stands inside the "
-            "<think>...</think> block, before the reasoning ends"
-        )
-    if refs > num_slots:
-        return (
-            f"the completion breaks the format: it has {refs} <REF_POS> tokens but the model "
-            f"has {num_slots} slots"
-        )
-    return None
+#: `answer_format.grounding_problem` under the name this module has always exported.
+completion_format_problem = grounding_problem
 
 
 def gather_ref_hidden_states(
@@ -1076,14 +1030,15 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         results = []
         for b in range(input_ids.shape[0]):
             keep_tokens = attention_mask[b].bool()
-            num_refs = int((completion[b][completion_mask[b]] == cfg.ref_token_id).sum())
+            answer = parse_answer_ids(
+                completion[b][completion_mask[b]].tolist(),
+                AnswerTokenIds.from_config(cfg),
+                lambda run: tokenizer.decode(run, skip_special_tokens=False),
+            )
             conf = out.conf_logits[b].float()
             kept = (conf >= conf_threshold) & out.ref_mask[b]
-            raw_text = tokenizer.decode(
-                completion[b][completion_mask[b]], skip_special_tokens=False
-            )
-            reason = completion_format_problem(raw_text, cfg.num_slots)
-            if not strict_format and num_refs > 0:
+            reason = grounding_problem(answer, cfg.num_slots)
+            if not strict_format and answer.num_ref > 0:
                 reason = None  # permissive: ground the last K <REF_POS> whatever the format
             if reason is not None:
                 kept = torch.zeros_like(kept)
