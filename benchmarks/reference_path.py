@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from modeling_segcompass.losses import language_model_loss
 from modeling_segcompass.modeling_segcompass import (
     SegCompassForReasoningSegmentation,
     gather_ref_hidden_states,
@@ -276,7 +277,7 @@ def reference_loss(
         output.heatmap_logits, output.mask_logits, output.conf_logits, output.iou_scores,
         gt_masks, num_objects, valid_mask,
     )  # fmt: skip
-    lm = model._lm_loss(labels, logits=output.logits)
+    lm = language_model_loss(labels, model.vlm.lm_head, logits=output.logits)
     return (
         cfg.lm_loss_weight * lm
         + cfg.seg_loss_weight * seg.seg_loss

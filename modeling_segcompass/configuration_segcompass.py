@@ -92,6 +92,10 @@ class SegCompassConfig(PreTrainedConfig):
             way; it trades per-call overhead (small decoders, GPUs: larger is faster) against
             the size of the B*K copies of the image embedding (SAM's 256 x 64 x 64 on a CPU:
             small is faster and bounds memory). See docs/performance.md, benchmark 3.
+        check_input_values (`bool`):
+            Also read input values in `forward` on an accelerator (token ids in the vocabulary,
+            finite pixels, binary masks, object counts): each check waits for the device, so
+            by default they run only for CPU tensors; shapes and dtypes are always checked.
         sparse_codebook (`bool`):
             Project codes with an embedding-bag over active latents (fast). False uses the
             dense (L x d_sae) product of the reference; both give the same numbers.
@@ -148,6 +152,7 @@ class SegCompassConfig(PreTrainedConfig):
     slot_confidence_threshold: float = 0.5
     mask_threshold: float = 0.0
     max_images_per_decoder_call: int | None = None
+    check_input_values: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .matching import MatchingCost, SlotAssignment, match_slots
 
@@ -354,3 +356,50 @@ def compute_segmentation_loss(
         conf_targets=conf_targets,
         assignment=assignment,
     )
+
+
+def language_model_loss(
+    labels: torch.Tensor,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    logits: torch.Tensor | None = None,
+    last_hidden: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions (0 if there are none).
+
+    Args:
+        labels: (B, L) next-token targets, -100 where there is none.
+        lm_head: the VLM's LM head (hidden states -> vocabulary logits).
+        logits: (B, L, V) full LM logits, when the forward computed them; else
+        last_hidden: (B, L, d) last-layer states, of which only the N positions that
+            predict a label go through the LM head ((N, V) logits instead of (B, L, V)).
+    """
+    shift_labels = labels[:, 1:]  # (B, L-1)
+    source = logits if logits is not None else last_hidden
+    keep = shift_labels.to(source.device) != -100
+    if not keep.any():  # keep the LM head in the graph
+        head = logits if logits is not None else lm_head(last_hidden[:, :1])
+        return head.float().sum() * 0.0
+    picked = source[:, :-1][keep]  # (N, V) logits or (N, d) states
+    if logits is None:
+        picked = lm_head(picked)
+    return F.cross_entropy(picked.float(), shift_labels.to(source.device)[keep])
+
+
+def sae_reconstruction_loss(
+    sae: nn.Module, sae_input: torch.Tensor, token_mask: torch.Tensor
+) -> torch.Tensor:
+    """Reconstruction MSE / variance of the (detached) SAE input over real tokens, in float32.
+
+    The target is detached so that this term trains the SAE only; the LLM learns through the
+    concept path.
+    """
+    target = sae_input.detach()
+    recon = sae.decode(sae.encode(target)).float()
+    target = target.float()
+    real = token_mask.unsqueeze(-1).to(target.dtype)  # (B, L, 1)
+    count = real.sum().clamp_min(1.0)
+    mean = (target * real).sum((0, 1)) / count
+    variance = (((target - mean) ** 2) * real).sum() / count
+    error = (((recon - target) ** 2) * real).sum() / count
+    return error / variance.clamp_min(1e-8)

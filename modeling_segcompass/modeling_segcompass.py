@@ -11,19 +11,14 @@ and its flat siblings.
 
 from __future__ import annotations
 
-import copy
 import importlib
-import os
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModelForImageTextToText, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.sam.modeling_sam import (
     SamMaskDecoder,
@@ -33,9 +28,18 @@ from transformers.models.sam.modeling_sam import (
 )
 from transformers.utils import ModelOutput
 
+from .answer_format import grounding_problem
 from .configuration_segcompass import SegCompassConfig
 from .conv_image_encoder import ConvImageEncoder
-from .losses import SegmentationLossOutput, compute_segmentation_loss
+from .input_checks import check_forward_inputs, check_forward_values, values_are_checked
+from .loading import load_safely
+from .losses import (
+    SegmentationLossOutput,
+    compute_segmentation_loss,
+    language_model_loss,
+    sae_reconstruction_loss,
+)
+from .precision import cast_to_dtype, floating_dtype
 from .query_codebook import QueryCodebook
 from .slot_mapper import SlotMapper
 from .sparse_autoencoder import SparseAutoencoder
@@ -93,86 +97,8 @@ class SegCompassOutput(ModelOutput):
     slot_to_target: torch.Tensor | None = None
 
 
-@dataclass
-class SegmentationResult:
-    """What `segment` returns for one image.
-
-    Attributes:
-        text: the generated completion (chain of thought and `<REF_POS>` tokens).
-        masks: (N, H, W) bool masks of the kept slots at the original image size.
-        scores: (N,) sigmoid of the kept slots' confidence logits.
-        slot_indices: (N,) which of the K slots each mask came from.
-        heatmaps: (K, H, W) sigmoid heatmaps of every slot at the original image size.
-        conf_logits: (K,) confidence logits of every slot.
-        input_ids: (L,) the prompt + completion the forward ran on (padding removed).
-        concept_indices: (L, n) active SAE latents per token of `input_ids`.
-        concept_values: (L, n) their activations.
-        slot_concept_weights: (K, L, n) how much each (token, concept) fed each slot.
-        reason: why there is no mask (None when there is at least one).
-    """
-
-    text: str
-    masks: torch.Tensor
-    scores: torch.Tensor
-    slot_indices: torch.Tensor
-    heatmaps: torch.Tensor
-    conf_logits: torch.Tensor
-    input_ids: torch.Tensor
-    concept_indices: torch.Tensor
-    concept_values: torch.Tensor
-    slot_concept_weights: torch.Tensor
-    reason: str | None = None
-
-
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-REF_TOKEN = "<REF_POS>"
-
-
-def completion_format_problem(text: str, num_slots: int) -> str | None:
-    """Why a completion cannot be grounded, or None when its format allows it.
-
-    The rules (what `segment(strict_format=True)` enforces; the format *reward* is stricter
-    and grades style too, see `rewards.format_score`): at least one `<REF_POS>`; exactly one
-    `</think>`; at most one `<think>`, before `</think>` (a chat template may open the
-    thought in the prompt); no `<REF_POS>` inside the thought; at most `num_slots`
-    `<REF_POS>` tokens.
-
-    Args:
-        text: the completion, decoded with its special tokens.
-        num_slots: K, the number of slots of the model.
-
-    Returns:
-        A sentence naming the problem, or None.
-
-    Example:
-        >>> completion_format_problem("<think>a red circle</think><REF_POS>", 3) is None
-        True
-    """
-    refs = text.count(REF_TOKEN)
-    opens, closes = text.count(THINK_OPEN), text.count(THINK_CLOSE)
-    if refs == 0:
-        return "no <REF_POS> token in the completion, so no slot is grounded"
-    if closes != 1 or opens > 1:
-        return (
-            f"the completion breaks the format: it needs one <think>...</think> block before "
-            f"its <REF_POS> tokens but has {opens} <think> and {closes} </think> tags, so "
-            "its reasoning did not finish and no slot is grounded"
-        )
-    end = text.find(THINK_CLOSE)
-    if opens == 1 and text.find(THINK_OPEN) > end:
-        return "the completion breaks the format: </think> comes before <think>"
-    if text.find(REF_TOKEN) < end:
-        return (
-            "the completion breaks the format: a <REF_POS> token stands inside the "
-            "<think>...</think> block, before the reasoning ends"
-        )
-    if refs > num_slots:
-        return (
-            f"the completion breaks the format: it has {refs} <REF_POS> tokens but the model "
-            f"has {num_slots} slots"
-        )
-    return None
+#: `answer_format.grounding_problem` under the name this module has always exported.
+completion_format_problem = grounding_problem
 
 
 def gather_ref_hidden_states(
@@ -201,49 +127,6 @@ def gather_ref_hidden_states(
         max=num_slots
     )  # (B, K)
     return states, present
-
-
-def _floating_dtype(module: nn.Module | None) -> torch.dtype | None:
-    """dtype of the first floating-point parameter of `module` (None when it has none)."""
-    if module is None:
-        return None
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return None
-
-
-def _resolve_float_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A floating torch dtype from a dtype or its name ("bfloat16", "torch.float16")."""
-    resolved = dtype
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.replace("torch.", ""), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(
-            f"Expected a floating-point torch dtype or its name (e.g. torch.bfloat16 or "
-            f"'bfloat16'), got {dtype!r}."
-        )
-    return resolved
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """torch's default dtype set to `dtype` inside the block (what `from_pretrained` builds under)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _set_config_dtype(config: PreTrainedConfig, dtype: torch.dtype) -> None:
-    """Record `dtype` on a config and all its sub-configs, as `from_pretrained` does."""
-    config.dtype = dtype
-    for key in getattr(config, "sub_configs", {}) or {}:
-        sub = getattr(config, key, None)
-        if isinstance(sub, PreTrainedConfig):
-            _set_config_dtype(sub, dtype)
 
 
 def _decoder_layers(vlm: nn.Module) -> nn.ModuleList:
@@ -311,69 +194,10 @@ class SegCompassPreTrainedModel(PreTrainedModel):
             # no usable gradient when SAM is trained from scratch (the tiny default).
             init.normal_(module.weight, std=1.0)
 
-    # ------------------------------------------------------------------ precision
     def cast_to_dtype(self, dtype: torch.dtype | str) -> SegCompassPreTrainedModel:
-        """Cast in place to `dtype` exactly as `from_pretrained(path, dtype=dtype)` loads.
-
-        `model.to(dtype)` casts every floating tensor; transformers' loading does not: a
-        tensor takes the dtype it is built with under `dtype` as torch's default, so buffers
-        that a module builds in float32 on purpose (RoPE's `inv_freq`) stay float32, and the
-        modules in `_keep_in_fp32_modules` (float16) / `_keep_in_fp32_modules_strict`
-        (float16, bfloat16) are float32. This builds the model's skeleton on the meta device
-        under `dtype` and gives every parameter and buffer its skeleton's dtype, so a model
-        cast here and the same model saved and reloaded hold the same tensors and return the
-        same numbers. The config (and its sub-configs) records `dtype`, as after loading.
-
-        Args:
-            dtype: a floating torch dtype or its name ("bfloat16", "float16", "float32").
-
-        Returns:
-            The model itself.
-        """
-        dtype = _resolve_float_dtype(dtype)
-        config = copy.deepcopy(self.config)
-        _set_config_dtype(config, dtype)
-        with torch.device("meta"), _default_dtype(dtype):
-            skeleton = type(self)(config)
-        keep = set()
-        if dtype == torch.float16:
-            keep |= set(getattr(skeleton, "_keep_in_fp32_modules", None) or ())
-        if dtype in (torch.float16, torch.bfloat16):
-            keep |= set(getattr(skeleton, "_keep_in_fp32_modules_strict", None) or ())
-        # transformers matches these names as globs searched anywhere in the tensor's name
-        pattern = re.compile("|".join(k.replace("*", ".*") for k in sorted(keep))) if keep else None
-        built = {
-            name: tensor.dtype
-            for name, tensor in (
-                *skeleton.named_parameters(remove_duplicate=False),
-                *skeleton.named_buffers(remove_duplicate=False),
-            )
-        }
-        del skeleton
-
-        def target(name: str, tensor: torch.Tensor) -> torch.dtype:
-            if not tensor.is_floating_point():
-                return tensor.dtype
-            if pattern is not None and pattern.search(name):
-                return torch.float32
-            return built.get(name, dtype)  # a tensor the config does not build (e.g. an adapter)
-
-        with torch.no_grad():
-            for module_name, module in self.named_modules(remove_duplicate=False):
-                prefix = f"{module_name}." if module_name else ""
-                for name, param in module._parameters.items():
-                    if param is None:
-                        continue
-                    wanted = target(prefix + name, param)
-                    if param.dtype != wanted:
-                        param.data = param.data.to(wanted)
-                        if param.grad is not None:
-                            param.grad = param.grad.to(wanted)
-                for name, buffer in module._buffers.items():
-                    if buffer is not None and buffer.dtype != target(prefix + name, buffer):
-                        module._buffers[name] = buffer.to(target(prefix + name, buffer))
-        _set_config_dtype(self.config, dtype)
-        return self
+        """Cast in place to `dtype` exactly as `from_pretrained(path, dtype=dtype)` loads
+        (RoPE buffers stay float32; see `precision.cast_to_dtype`). Returns the model."""
+        return cast_to_dtype(self, dtype)
 
 
 class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
@@ -486,7 +310,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
                 "`image_embeddings` (B, C, E, E) instead of `sam_pixel_values`."
             )
         # The processor returns float32 pixels; the encoder runs in its own precision.
-        dtype = _floating_dtype(self.image_encoder)
+        dtype = floating_dtype(self.image_encoder)
         if dtype is not None and sam_pixel_values.is_floating_point():
             sam_pixel_values = sam_pixel_values.to(dtype)
         out = self.image_encoder(sam_pixel_values)
@@ -553,155 +377,6 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             iou.reshape(batch, num_slots),
         )
 
-    # ------------------------------------------------------------------ validation
-    def _check_inputs(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        sam_pixel_values: torch.Tensor | None,
-        image_embeddings: torch.Tensor | None,
-        gt_masks: torch.Tensor | None,
-        num_objects: torch.Tensor | None,
-        valid_mask: torch.Tensor | None,
-    ) -> None:
-        def fail(message: str) -> None:
-            raise ValueError(f"SegCompassForReasoningSegmentation.forward: {message}")
-
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            fail(
-                "`input_ids` must be a (B, L) LongTensor (use SegCompassProcessor); got "
-                f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}."
-            )
-        batch, length = input_ids.shape
-        self._check_input_types_and_values(
-            input_ids,
-            attention_mask=attention_mask,
-            sam_pixel_values=sam_pixel_values,
-            image_embeddings=image_embeddings,
-            gt_masks=gt_masks,
-            num_objects=num_objects,
-            valid_mask=valid_mask,
-        )
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
-            fail(
-                f"`attention_mask` must be (B, L) = {(batch, length)}; got {tuple(attention_mask.shape)}."
-            )
-        if sam_pixel_values is None and image_embeddings is None:
-            fail(
-                "pass either `sam_pixel_values` (B, 3, S, S) from SegCompassProcessor, or "
-                "precomputed `image_embeddings` (B, C, E, E)."
-            )
-        channels, side = self.config.image_embedding_channels, self.config.image_embedding_size
-        if image_embeddings is not None and (
-            image_embeddings.dim() != 4 or tuple(image_embeddings.shape[1:]) != (channels, side, side)
-            or image_embeddings.shape[0] != batch
-        ):  # fmt: skip
-            fail(
-                f"`image_embeddings` must be (B={batch}, C={channels}, E={side}, E={side}); got "
-                f"{tuple(image_embeddings.shape)}."
-            )
-        if sam_pixel_values is not None and image_embeddings is None and (
-            sam_pixel_values.dim() != 4 or sam_pixel_values.shape[0] != batch
-            or sam_pixel_values.shape[1] != 3
-        ):  # fmt: skip
-            fail(
-                f"`sam_pixel_values` must be (B={batch}, 3, S, S); got {tuple(sam_pixel_values.shape)}."
-            )
-        size = self.config.mask_size
-        if gt_masks is not None:
-            if (
-                gt_masks.dim() != 4
-                or gt_masks.shape[0] != batch
-                or tuple(gt_masks.shape[2:]) != (size, size)
-            ):
-                fail(
-                    f"`gt_masks` must be (B={batch}, G, {size}, {size}) on the mask grid "
-                    f"(SegCompassProcessor resizes masks for you); got {tuple(gt_masks.shape)}."
-                )
-            if gt_masks.is_floating_point() and not torch.isfinite(gt_masks).all():
-                fail("`gt_masks` contains NaN or Inf values.")
-        if num_objects is not None:
-            if num_objects.shape != (batch,):
-                fail(f"`num_objects` must be (B={batch},); got {tuple(num_objects.shape)}.")
-            if num_objects.numel() and (
-                int(num_objects.max()) > self.config.num_slots or int(num_objects.min()) < 0
-            ):
-                fail(
-                    f"`num_objects` must lie in [0, num_slots={self.config.num_slots}]; got "
-                    f"{num_objects.tolist()}. Drop samples with more objects than slots or raise "
-                    "config.num_slots."
-                )
-            if (
-                gt_masks is not None
-                and num_objects.numel()
-                and int(num_objects.max()) > gt_masks.shape[1]
-            ):
-                fail(
-                    f"`num_objects` ({num_objects.tolist()}) exceeds the number of ground-truth "
-                    f"masks G={gt_masks.shape[1]}."
-                )
-        if valid_mask is not None and tuple(valid_mask.shape) != (batch, size, size):
-            fail(
-                f"`valid_mask` must be (B={batch}, {size}, {size}); got {tuple(valid_mask.shape)}."
-            )
-
-    def _check_input_types_and_values(self, input_ids: torch.Tensor, **tensors: Any) -> None:
-        """Refuse non-tensors, non-integer or out-of-vocabulary ids, non-finite pixels and
-        non-binary masks with a message naming the argument (before torch fails obscurely)."""
-
-        def fail(message: str) -> None:
-            raise ValueError(f"SegCompassForReasoningSegmentation.forward: {message}")
-
-        for name, value in tensors.items():
-            if value is not None and not isinstance(value, torch.Tensor):
-                fail(
-                    f"`{name}` must be a torch.Tensor (use SegCompassProcessor with "
-                    f"return_tensors='pt'); got {type(value).__name__}."
-                )
-        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            fail(f"`input_ids` is empty (shape {tuple(input_ids.shape)}); pass at least one token.")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            fail(f"`input_ids` must hold integer token ids; got dtype {input_ids.dtype}.")
-        vocab = self.get_input_embeddings().num_embeddings
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab:
-            fail(
-                f"`input_ids` must lie in [0, vocab_size={vocab}); got values in [{low}, {high}]. "
-                "Use the processor saved with this model, or resize the token embeddings."
-            )
-        for name in ("sam_pixel_values", "image_embeddings"):
-            value = tensors.get(name)
-            if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
-                fail(f"`{name}` contains NaN or Inf values; expected finite numbers.")
-        sam = tensors.get("sam_pixel_values")
-        if (
-            sam is not None
-            and tensors.get("image_embeddings") is None
-            and self.image_encoder is not None
-            and sam.dim() == 4
-        ):
-            side = self.config.sam_config.vision_config.image_size
-            if tuple(sam.shape[-2:]) != (side, side):
-                fail(
-                    f"`sam_pixel_values` must be (B, 3, {side}, {side}) (the SAM frame of this "
-                    f"model); got {tuple(sam.shape)}. Use the processor saved with this model."
-                )
-        gt_masks = tensors.get("gt_masks")
-        if gt_masks is not None and gt_masks.numel():
-            if gt_masks.is_complex():
-                fail(f"`gt_masks` must be real 0/1 masks; got dtype {gt_masks.dtype}.")
-            low_m, high_m = float(gt_masks.min()), float(gt_masks.max())
-            if low_m < 0.0 or high_m > 1.0:
-                fail(
-                    f"`gt_masks` must hold values in [0, 1] (binary masks); got values in "
-                    f"[{low_m:g}, {high_m:g}]. Binarise them first, e.g. `masks == 1`."
-                )
-        num_objects = tensors.get("num_objects")
-        if num_objects is not None and (
-            num_objects.is_floating_point() or num_objects.dtype == torch.bool
-        ):
-            fail(f"`num_objects` must be an integer tensor (B,); got dtype {num_objects.dtype}.")
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -741,19 +416,23 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
                 (B, L, n) before the codebook, everything else unchanged: the hook for causal
                 concept ablation / swapping (see `interpret.ablate_concepts`).
         """
-        self._check_inputs(
-            input_ids, attention_mask, sam_pixel_values, image_embeddings, gt_masks, num_objects,
-            valid_mask,
+        check_forward_inputs(
+            self, input_ids, attention_mask, sam_pixel_values, image_embeddings, gt_masks,
+            num_objects, valid_mask,
         )  # fmt: skip
-        if (
-            isinstance(pixel_values, torch.Tensor)
-            and pixel_values.is_floating_point()
-            and (not torch.isfinite(pixel_values).all())
-        ):
-            raise ValueError(
-                "SegCompassForReasoningSegmentation.forward: `pixel_values` contains NaN or Inf "
-                "values; expected finite numbers (SegCompassProcessor refuses such images)."
+        if values_are_checked(self, input_ids):
+            check_forward_values(
+                self, input_ids, sam_pixel_values, image_embeddings, gt_masks, num_objects
             )
+            if (
+                isinstance(pixel_values, torch.Tensor)
+                and pixel_values.is_floating_point()
+                and (not torch.isfinite(pixel_values).all())
+            ):
+                raise ValueError(
+                    "SegCompassForReasoningSegmentation.forward: `pixel_values` contains NaN or "
+                    "Inf values; expected finite numbers (SegCompassProcessor refuses such images)."
+                )
         if labels is not None and (
             not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape)
         ):
@@ -812,16 +491,18 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         if image_embeddings is None:
             image_embeddings = self.encode_image(sam_pixel_values)
         else:  # precomputed (e.g. cached in float32): the mask path runs in its own precision
-            image_embeddings = image_embeddings.to(_floating_dtype(self.mask_decoder))
+            image_embeddings = image_embeddings.to(floating_dtype(self.mask_decoder))
         mapped = self.slot_mapper(book.slots, ref_states, image_embeddings)
         mask_logits, iou_scores = self.decode_masks(mapped.heatmap_logits, image_embeddings)
 
         # 7. Losses.
         losses: dict[str, torch.Tensor] = {}
         if labels is not None:
-            losses["lm"] = self._lm_loss(labels, logits=logits, last_hidden=last_hidden)
+            losses["lm"] = language_model_loss(
+                labels, self.vlm.lm_head, logits=logits, last_hidden=last_hidden
+            )
         if cfg.sae_reconstruction_weight > 0 and (labels is not None or gt_masks is not None):
-            losses["sae"] = self._sae_loss(sae_input, token_mask)
+            losses["sae"] = sae_reconstruction_loss(self.sae, sae_input, token_mask)
         slot_to_target = None
         if gt_masks is not None:
             seg = self.segmentation_loss(
@@ -908,48 +589,6 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             order_prior=cfg.slot_order_prior,
         )
 
-    def _lm_loss(
-        self,
-        labels: torch.Tensor,
-        *,
-        logits: torch.Tensor | None = None,
-        last_hidden: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Mean next-token cross-entropy over the labelled positions (0 if there are none).
-
-        Args:
-            labels: (B, L) next-token targets, -100 where there is none.
-            logits: (B, L, V) full LM logits, when the forward computed them; else
-            last_hidden: (B, L, d) last-layer states, of which only the N positions that
-                predict a label go through the LM head ((N, V) logits instead of (B, L, V)).
-        """
-        shift_labels = labels[:, 1:]  # (B, L-1)
-        source = logits if logits is not None else last_hidden
-        keep = shift_labels.to(source.device) != -100
-        if not keep.any():  # keep the LM head in the graph
-            head = logits if logits is not None else self.vlm.lm_head(last_hidden[:, :1])
-            return head.float().sum() * 0.0
-        picked = source[:, :-1][keep]  # (N, V) logits or (N, d) states
-        if logits is None:
-            picked = self.vlm.lm_head(picked)
-        return F.cross_entropy(picked.float(), shift_labels.to(source.device)[keep])
-
-    def _sae_loss(self, sae_input: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Reconstruction MSE / variance of the (detached) SAE input over real tokens.
-
-        The target is detached so that this term trains the SAE only; the LLM learns
-        through the concept path.
-        """
-        target = sae_input.detach()
-        recon = self.sae.decode(self.sae.encode(target)).float()  # the loss in float32
-        target = target.float()
-        real = token_mask.unsqueeze(-1).to(target.dtype)  # (B, L, 1)
-        count = real.sum().clamp_min(1.0)
-        mean = (target * real).sum((0, 1)) / count
-        variance = (((target - mean) ** 2) * real).sum() / count
-        error = (((recon - target) ** 2) * real).sum() / count
-        return error / variance.clamp_min(1e-8)
-
     # ------------------------------------------------------------------ generation
     def can_generate(self) -> bool:
         return True
@@ -965,7 +604,6 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         return self.vlm.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
     def segment(
         self,
         images: Any,
@@ -978,140 +616,26 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         mask_threshold: float | None = None,
         generation_kwargs: dict[str, Any] | None = None,
         strict_format: bool = True,
-    ) -> list[SegmentationResult]:
+    ) -> list[Any]:
         """Segment what each instruction implies: generate the reasoning, then one forward.
 
-        Args:
-            images: one image or a list (PIL of any mode, numpy, tensors).
-            instructions: one instruction per image.
-            processor: a `SegCompassProcessor` (default: `self.processor` if attached).
-            max_new_tokens: generation budget; it must cover the longest reasoning plus the
-                K `<REF_POS>` tokens, or those samples end without a mask.
-            do_sample: sample instead of greedy decoding.
-            confidence_threshold: keep slots whose confidence logit is >= this
-                (default `config.slot_confidence_threshold`).
-            mask_threshold: mask logits above this are foreground (default `config.mask_threshold`).
-            generation_kwargs: extra arguments for `generate`.
-            strict_format: ground only completions whose format is sound (see
-                `completion_format_problem`: one finished `<think>...</think>` block, then 1 to
-                K `<REF_POS>` tokens); others get no mask and a `reason`. False grounds the
-                last K `<REF_POS>` tokens of any completion, whatever its format.
-
-        Returns:
-            One `SegmentationResult` per image. A completion without `<REF_POS>` (or, when
-            `strict_format`, with a broken format) gets no mask and a `reason`; it never raises.
+        Returns one `SegmentationResult` per image; the arguments and the rules are
+        `pipeline_segcompass.segment`'s, which does the work (the pipeline calls it too).
         """
-        processor = processor if processor is not None else getattr(self, "processor", None)
-        if processor is None:
-            raise ValueError(
-                "segment() needs a SegCompassProcessor: pass `processor=` or attach one with "
-                "`model.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)`."
-            )
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(
-                f"segment(): max_new_tokens must be a positive int, got {max_new_tokens!r}."
-            )
-        self.config.check_special_tokens(processor)
-        cfg = self.config
-        conf_threshold = (
-            cfg.slot_confidence_threshold if confidence_threshold is None else confidence_threshold
-        )
-        mask_thr = cfg.mask_threshold if mask_threshold is None else mask_threshold
-        single = not isinstance(instructions, (list, tuple))
-        instruction_list = [instructions] if single else list(instructions)
-        image_list = [images] if single or not isinstance(images, (list, tuple)) else list(images)
-        enc = processor(images=image_list, instructions=instruction_list, return_tensors="pt")
-        device = self.device
-        enc = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
-        tokenizer = processor.tokenizer
-        stop_ids = [
-            i
-            for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
-            if isinstance(i, int) and i >= 0
-        ]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-        vlm_inputs = {
-            k: enc[k]
-            for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-            if k in enc
-        }
-        generated = self.vlm.generate(
-            **vlm_inputs,
+        from .pipeline_segcompass import segment
+
+        return segment(
+            self,
+            images,
+            instructions,
+            processor,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
-            eos_token_id=stop_ids,
-            pad_token_id=pad_id,
-            **(generation_kwargs or {}),
-        )  # (B, Lp + T)
-        prompt_len = enc["input_ids"].shape[1]
-        completion = generated[:, prompt_len:]  # (B, T)
-        # keep tokens up to and including the first stop token
-        is_stop = torch.zeros_like(completion, dtype=torch.bool)
-        for stop in stop_ids:
-            is_stop |= completion == stop
-        after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # (B, T)
-        completion_mask = ~after_stop
-        completion = completion.masked_fill(after_stop, pad_id)
-        input_ids = torch.cat([enc["input_ids"], completion], dim=1)
-        attention_mask = torch.cat([enc["attention_mask"], completion_mask.long()], dim=1)
-        out = self(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=enc.get("pixel_values"),
-            image_grid_thw=enc.get("image_grid_thw"),
-            sam_pixel_values=enc["sam_pixel_values"],
-            compute_logits=False,
+            confidence_threshold=confidence_threshold,
+            mask_threshold=mask_threshold,
+            generation_kwargs=generation_kwargs,
+            strict_format=strict_format,
         )
-        masks = processor.post_process_masks(
-            out.mask_logits.float(),
-            enc["original_sizes"],
-            enc["reshaped_input_sizes"],
-            threshold=mask_thr,
-        )
-        heatmaps = processor.post_process_masks(
-            out.heatmap_logits.float(),
-            enc["original_sizes"],
-            enc["reshaped_input_sizes"],
-            threshold=None,
-        )
-        results = []
-        for b in range(input_ids.shape[0]):
-            keep_tokens = attention_mask[b].bool()
-            num_refs = int((completion[b][completion_mask[b]] == cfg.ref_token_id).sum())
-            conf = out.conf_logits[b].float()
-            kept = (conf >= conf_threshold) & out.ref_mask[b]
-            raw_text = tokenizer.decode(
-                completion[b][completion_mask[b]], skip_special_tokens=False
-            )
-            reason = completion_format_problem(raw_text, cfg.num_slots)
-            if not strict_format and num_refs > 0:
-                reason = None  # permissive: ground the last K <REF_POS> whatever the format
-            if reason is not None:
-                kept = torch.zeros_like(kept)
-            elif not kept.any():
-                reason = (
-                    f"no slot reached the confidence threshold {conf_threshold} (highest "
-                    f"confidence logit {float(conf[out.ref_mask[b]].max()):.3f}): the model "
-                    "answers that there is no such object"
-                )
-            slot_idx = kept.nonzero(as_tuple=True)[0]
-            text = tokenizer.decode(completion[b][completion_mask[b]], skip_special_tokens=True)
-            results.append(
-                SegmentationResult(
-                    text=text.strip(),
-                    masks=masks[b][slot_idx].cpu(),
-                    scores=torch.sigmoid(conf[slot_idx]).cpu(),
-                    slot_indices=slot_idx.cpu(),
-                    heatmaps=torch.sigmoid(heatmaps[b]).cpu(),
-                    conf_logits=conf.cpu(),
-                    input_ids=input_ids[b][keep_tokens].cpu(),
-                    concept_indices=out.concept_indices[b][keep_tokens].cpu(),
-                    concept_values=out.concept_values[b][keep_tokens].cpu(),
-                    slot_concept_weights=out.slot_concept_weights[b][:, keep_tokens].cpu(),
-                    reason=reason,
-                )
-            )
-        return results
 
     # ------------------------------------------------------------------ assembling
     @classmethod
@@ -1158,50 +682,15 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
           returning a model with randomly initialised parts; pass
           ``allow_missing_weights=True`` to accept that (e.g. a checkpoint of an older layout).
         """
-        kwargs.setdefault("use_safetensors", True)
-        allow_missing = bool(kwargs.pop("allow_missing_weights", False))
-        want_info = bool(kwargs.pop("output_loading_info", False))
-        source = os.fspath(pretrained_model_name_or_path)
-        folder = os.path.join(source, kwargs.get("subfolder") or "")
-        if kwargs["use_safetensors"] and os.path.isdir(folder):
-            files = sorted(os.listdir(folder))
-            pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
-            if pickles and not any(f.endswith(".safetensors") for f in files):
-                raise OSError(
-                    f"{folder!r} holds only pickle checkpoints {pickles} and no *.safetensors "
-                    "file. SegCompass loads weights from safetensors only, because unpickling a "
-                    "file can run arbitrary code. Convert it where you trust the file, e.g. "
-                    "`model = SegCompassForReasoningSegmentation.from_pretrained(path, "
-                    "use_safetensors=False); model.save_pretrained(new_path)`."
-                )
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
-        except Exception as error:
-            if type(error).__name__ != "SafetensorError":  # safetensors' Rust-side error
-                raise
-            raise OSError(
-                f"Could not read the safetensors weights of {source!r}: the file is truncated or "
-                f"corrupted ({error}). Download or save the checkpoint again."
-            ) from error
-        missing = list(info.get("missing_keys") or [])
-        if missing and not allow_missing:
-            shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
-            raise ValueError(
-                f"The checkpoint {source!r} lacks {len(missing)} of the model's tensors ({shown}); "
-                "refusing to return a half-loaded model. Check that the weights file is complete "
-                "and matches config.json, or pass allow_missing_weights=True to initialise the "
-                "missing tensors randomly."
-            )
-        return (model, info) if want_info else model
+        return load_safely(
+            super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs
+        )
 
 
 __all__ = [
     "SegCompassForReasoningSegmentation",
     "SegCompassOutput",
     "SegCompassPreTrainedModel",
-    "SegmentationResult",
     "completion_format_problem",
     "gather_ref_hidden_states",
 ]

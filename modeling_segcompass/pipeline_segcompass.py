@@ -3,25 +3,29 @@
 Registered as the custom pipeline task ``"reasoning-segmentation"``; `hub.export` saves it
 with the model, which writes ``custom_pipelines`` into config.json and copies this file, so
 that ``pipeline(model=folder_or_repo, trust_remote_code=True)`` rebuilds it without this
-package. The work is done by the model's `segment` (generate the chain of thought and the
-`<REF_POS>` tokens, one forward, keep confident slots, masks at the original size); the
-pipeline converts its result to plain Python / numpy and adds the concept trace
+package. The work is done by `segment` here, which the model's `segment` calls too (generate
+the chain of thought and the `<REF_POS>` tokens, one forward, keep confident slots, masks at
+the original size); the pipeline converts its result to plain Python / numpy and adds the concept trace
 (PAPER.md, "The interpretability claim"): per slot, the SAE concepts it gathered most and
 the tokens they fired on.
 
-Remote-code file: imports only the standard library, numpy, torch and transformers.
+Remote-code file: imports only the standard library, numpy, torch, transformers and its
+flat siblings.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+
+from .answer_format import AnswerTokenIds, grounding_problem, parse_answer_ids
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +143,191 @@ def concept_trace(
     return trace
 
 
+# --------------------------------------------------------------------------- segment
+@dataclass
+class SegmentationResult:
+    """What `segment` returns for one image.
+
+    Attributes:
+        text: the generated completion (chain of thought and `<REF_POS>` tokens).
+        masks: (N, H, W) bool masks of the kept slots at the original image size.
+        scores: (N,) sigmoid of the kept slots' confidence logits.
+        slot_indices: (N,) which of the K slots each mask came from.
+        heatmaps: (K, H, W) sigmoid heatmaps of every slot at the original image size.
+        conf_logits: (K,) confidence logits of every slot.
+        input_ids: (L,) the prompt + completion the forward ran on (padding removed).
+        concept_indices: (L, n) active SAE latents per token of `input_ids`.
+        concept_values: (L, n) their activations.
+        slot_concept_weights: (K, L, n) how much each (token, concept) fed each slot.
+        reason: why there is no mask (None when there is at least one).
+    """
+
+    text: str
+    masks: torch.Tensor
+    scores: torch.Tensor
+    slot_indices: torch.Tensor
+    heatmaps: torch.Tensor
+    conf_logits: torch.Tensor
+    input_ids: torch.Tensor
+    concept_indices: torch.Tensor
+    concept_values: torch.Tensor
+    slot_concept_weights: torch.Tensor
+    reason: str | None = None
+
+
+@torch.no_grad()
+def segment(
+    model: Any,
+    images: Any,
+    instructions: str | list[str],
+    processor: Any = None,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    confidence_threshold: float | None = None,
+    mask_threshold: float | None = None,
+    generation_kwargs: dict[str, Any] | None = None,
+    strict_format: bool = True,
+) -> list[SegmentationResult]:
+    """Segment what each instruction implies with `model`: generate the reasoning, then one
+    forward (`SegCompassForReasoningSegmentation.segment` calls this).
+
+    Args:
+        model: a `SegCompassForReasoningSegmentation`.
+        images: one image or a list (PIL of any mode, numpy, tensors).
+        instructions: one instruction per image.
+        processor: a `SegCompassProcessor` (default: `model.processor` if attached).
+        max_new_tokens: generation budget; it must cover the longest reasoning plus the
+            K `<REF_POS>` tokens, or those samples end without a mask.
+        do_sample: sample instead of greedy decoding.
+        confidence_threshold: keep slots whose confidence logit is >= this
+            (default `config.slot_confidence_threshold`).
+        mask_threshold: mask logits above this are foreground (default `config.mask_threshold`).
+        generation_kwargs: extra arguments for `generate`.
+        strict_format: ground only completions whose format is sound (see
+            `answer_format.grounding_problem`: one finished `<think>...</think>` block, then 1 to
+            K `<REF_POS>` tokens); others get no mask and a `reason`. False grounds the
+            last K `<REF_POS>` tokens of any completion, whatever its format.
+
+    Returns:
+        One `SegmentationResult` per image. A completion without `<REF_POS>` (or, when
+        `strict_format`, with a broken format) gets no mask and a `reason`; it never raises.
+    """
+    processor = processor if processor is not None else getattr(model, "processor", None)
+    if processor is None:
+        raise ValueError(
+            "segment() needs a SegCompassProcessor: pass `processor=` or attach one with "
+            "`model.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)`."
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(
+            f"segment(): max_new_tokens must be a positive int, got {max_new_tokens!r}."
+        )
+    model.config.check_special_tokens(processor)
+    cfg = model.config
+    conf_threshold = (
+        cfg.slot_confidence_threshold if confidence_threshold is None else confidence_threshold
+    )
+    mask_thr = cfg.mask_threshold if mask_threshold is None else mask_threshold
+    single = not isinstance(instructions, (list, tuple))
+    instruction_list = [instructions] if single else list(instructions)
+    image_list = [images] if single or not isinstance(images, (list, tuple)) else list(images)
+    enc = processor(images=image_list, instructions=instruction_list, return_tensors="pt")
+    device = model.device
+    enc = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
+    tokenizer = processor.tokenizer
+    stop_ids = [
+        i
+        for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+        if isinstance(i, int) and i >= 0
+    ]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    vlm_inputs = {
+        k: enc[k]
+        for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        if k in enc
+    }
+    generated = model.vlm.generate(
+        **vlm_inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        **(generation_kwargs or {}),
+    )  # (B, Lp + T)
+    prompt_len = enc["input_ids"].shape[1]
+    completion = generated[:, prompt_len:]  # (B, T)
+    # keep tokens up to and including the first stop token
+    is_stop = torch.zeros_like(completion, dtype=torch.bool)
+    for stop in stop_ids:
+        is_stop |= completion == stop
+    after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # (B, T)
+    completion_mask = ~after_stop
+    completion = completion.masked_fill(after_stop, pad_id)
+    input_ids = torch.cat([enc["input_ids"], completion], dim=1)
+    attention_mask = torch.cat([enc["attention_mask"], completion_mask.long()], dim=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=enc.get("pixel_values"),
+        image_grid_thw=enc.get("image_grid_thw"),
+        sam_pixel_values=enc["sam_pixel_values"],
+        compute_logits=False,
+    )
+    masks = processor.post_process_masks(
+        out.mask_logits.float(),
+        enc["original_sizes"],
+        enc["reshaped_input_sizes"],
+        threshold=mask_thr,
+    )
+    heatmaps = processor.post_process_masks(
+        out.heatmap_logits.float(),
+        enc["original_sizes"],
+        enc["reshaped_input_sizes"],
+        threshold=None,
+    )
+    results = []
+    for b in range(input_ids.shape[0]):
+        keep_tokens = attention_mask[b].bool()
+        answer = parse_answer_ids(
+            completion[b][completion_mask[b]].tolist(),
+            AnswerTokenIds.from_config(cfg),
+            lambda run: tokenizer.decode(run, skip_special_tokens=False),
+        )
+        conf = out.conf_logits[b].float()
+        kept = (conf >= conf_threshold) & out.ref_mask[b]
+        reason = grounding_problem(answer, cfg.num_slots)
+        if not strict_format and answer.num_ref > 0:
+            reason = None  # permissive: ground the last K <REF_POS> whatever the format
+        if reason is not None:
+            kept = torch.zeros_like(kept)
+        elif not kept.any():
+            reason = (
+                f"no slot reached the confidence threshold {conf_threshold} (highest "
+                f"confidence logit {float(conf[out.ref_mask[b]].max()):.3f}): the model "
+                "answers that there is no such object"
+            )
+        slot_idx = kept.nonzero(as_tuple=True)[0]
+        text = tokenizer.decode(completion[b][completion_mask[b]], skip_special_tokens=True)
+        results.append(
+            SegmentationResult(
+                text=text.strip(),
+                masks=masks[b][slot_idx].cpu(),
+                scores=torch.sigmoid(conf[slot_idx]).cpu(),
+                slot_indices=slot_idx.cpu(),
+                heatmaps=torch.sigmoid(heatmaps[b]).cpu(),
+                conf_logits=conf.cpu(),
+                input_ids=input_ids[b][keep_tokens].cpu(),
+                concept_indices=out.concept_indices[b][keep_tokens].cpu(),
+                concept_values=out.concept_values[b][keep_tokens].cpu(),
+                slot_concept_weights=out.slot_concept_weights[b][:, keep_tokens].cpu(),
+                reason=reason,
+            )
+        )
+    return results
+
+
+# --------------------------------------------------------------------------- pipeline
 class ReasoningSegmentationPipeline(Pipeline):
     """Reasoning segmentation: an image and an instruction in, masks and their reasons out.
 

@@ -36,6 +36,8 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .answer_format import REF_TOKEN, THINK_END, THINK_START, ParsedAnswer, parse_answer
+
 try:  # optional: only needed to accept PIL images
     from PIL import Image as PILImage
 except ImportError:  # pragma: no cover - PIL ships with almost every transformers install
@@ -49,9 +51,9 @@ SAM_PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
 IMAGE_TOKEN = "<|image_pad|>"
 IM_END_TOKEN = "<|im_end|>"
-THINK_START_TOKEN = "<think>"
-THINK_END_TOKEN = "</think>"
-DEFAULT_REF_TOKEN = "<REF_POS>"
+THINK_START_TOKEN = THINK_START
+THINK_END_TOKEN = THINK_END
+DEFAULT_REF_TOKEN = REF_TOKEN
 #: Control and answer tokens that an instruction may not contain (prompt injection guard).
 RESERVED_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -97,61 +99,9 @@ def build_prompt(instruction: str, num_slots: int) -> str:
     )
 
 
-@dataclass
-class ParsedResponse:
-    """A completion split into the parts the format reward looks at.
-
-    Attributes:
-        thought: text inside the first `<think> ... </think>` (stripped), or None.
-        num_think_blocks: number of `<think>` openings.
-        num_ref: number of reference tokens anywhere in the text.
-        refs_after_think: True when there is a `</think>` and every reference token
-            comes after the last one.
-        prefix: text before the first `<think>` (stripped; the whole text when there is none).
-        between: text between the last `</think>` and the first reference token (stripped).
-    """
-
-    thought: str | None
-    num_think_blocks: int
-    num_ref: int
-    refs_after_think: bool
-    prefix: str
-    between: str
-
-
-def parse_response(text: str, ref_token: str = DEFAULT_REF_TOKEN) -> ParsedResponse:
-    """Split a decoded completion into thought, reference tokens and the text around them.
-
-    >>> p = parse_response("<think> red is left </think> <REF_POS>")
-    >>> (p.thought, p.num_ref, p.refs_after_think)
-    ('red is left', 1, True)
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"Expected the response to be a str, got {type(text).__name__}.")
-    num_think = text.count(THINK_START_TOKEN)
-    start = text.find(THINK_START_TOKEN)
-    thought = None
-    if start >= 0:
-        end = text.find(THINK_END_TOKEN, start)
-        if end >= 0:
-            thought = text[start + len(THINK_START_TOKEN) : end].strip()
-    prefix = text[:start].strip() if start >= 0 else text.strip()
-    last_end = text.rfind(THINK_END_TOKEN)
-    first_ref = text.find(ref_token)
-    num_ref = text.count(ref_token)
-    refs_after = last_end >= 0 and num_ref > 0 and first_ref > last_end
-    between = ""
-    if last_end >= 0:
-        tail_start = last_end + len(THINK_END_TOKEN)
-        between = text[tail_start : first_ref if first_ref > last_end else len(text)].strip()
-    return ParsedResponse(
-        thought=thought,
-        num_think_blocks=num_think,
-        num_ref=num_ref,
-        refs_after_think=refs_after,
-        prefix=prefix,
-        between=between,
-    )
+#: `answer_format.parse_answer` / `ParsedAnswer` under the names this module has exported.
+parse_response = parse_answer
+ParsedResponse = ParsedAnswer
 
 
 # --------------------------------------------------------------------------- images

@@ -307,3 +307,14 @@ def test_completion_without_ref_gives_no_mask_a_reason_and_format_0(setup, seque
     assert result.masks.shape == (0, 40, 56) and result.scores.numel() == 0
     assert result.reason.startswith("no <REF_POS> token in the completion")
     assert format_score(result.text, num_ref=3) == 0.0
+
+
+def test_input_values_are_read_on_cpu_and_elsewhere_only_when_asked():
+    from modeling_segcompass.input_checks import values_are_checked
+
+    model = build_tiny_model()
+    assert values_are_checked(model, torch.zeros(1, 2, dtype=torch.long))
+    on_device = torch.zeros(1, 2, dtype=torch.long, device="meta")  # stands for an accelerator
+    assert not values_are_checked(model, on_device)
+    model.config.check_input_values = True
+    assert values_are_checked(model, on_device)

@@ -1,0 +1,178 @@
+"""What `SegCompassForReasoningSegmentation.forward` refuses, with a message naming the fix.
+
+Two kinds of checks:
+
+* `check_forward_inputs`: types, shapes and dtypes. They read tensor metadata only and run on
+  every call.
+* `check_forward_values`: token ids in the vocabulary, finite pixels, binary masks, object
+  counts within the slots. They read tensor values, which on an accelerator waits for the
+  device, so the forward runs them for CPU tensors (no wait there) and elsewhere only with
+  ``config.check_input_values=True``. The processor writes inputs that pass them.
+
+This file travels with saved models (remote code): it imports only torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import torch
+
+
+def _fail(message: str) -> NoReturn:
+    raise ValueError(f"SegCompassForReasoningSegmentation.forward: {message}")
+
+
+def check_forward_inputs(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    sam_pixel_values: Any = None,
+    image_embeddings: Any = None,
+    gt_masks: Any = None,
+    num_objects: Any = None,
+    valid_mask: Any = None,
+) -> None:
+    """Refuse inputs whose type, shape or dtype the forward cannot use (no value is read)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        _fail(
+            "`input_ids` must be a (B, L) LongTensor (use SegCompassProcessor); got "
+            f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}."
+        )
+    tensors = {
+        "attention_mask": attention_mask,
+        "sam_pixel_values": sam_pixel_values,
+        "image_embeddings": image_embeddings,
+        "gt_masks": gt_masks,
+        "num_objects": num_objects,
+        "valid_mask": valid_mask,
+    }
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            _fail(
+                f"`{name}` must be a torch.Tensor (use SegCompassProcessor with "
+                f"return_tensors='pt'); got {type(value).__name__}."
+            )
+    batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        _fail(f"`input_ids` is empty (shape {tuple(input_ids.shape)}); pass at least one token.")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        _fail(f"`input_ids` must hold integer token ids; got dtype {input_ids.dtype}.")
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+        _fail(
+            f"`attention_mask` must be (B, L) = {(batch, length)}; got "
+            f"{tuple(attention_mask.shape)}."
+        )
+    if sam_pixel_values is None and image_embeddings is None:
+        _fail(
+            "pass either `sam_pixel_values` (B, 3, S, S) from SegCompassProcessor, or "
+            "precomputed `image_embeddings` (B, C, E, E)."
+        )
+    config = model.config
+    channels, side = config.image_embedding_channels, config.image_embedding_size
+    if image_embeddings is not None and (
+        image_embeddings.dim() != 4 or tuple(image_embeddings.shape[1:]) != (channels, side, side)
+        or image_embeddings.shape[0] != batch
+    ):  # fmt: skip
+        _fail(
+            f"`image_embeddings` must be (B={batch}, C={channels}, E={side}, E={side}); got "
+            f"{tuple(image_embeddings.shape)}."
+        )
+    if sam_pixel_values is not None and image_embeddings is None:
+        if (
+            sam_pixel_values.dim() != 4
+            or sam_pixel_values.shape[0] != batch
+            or sam_pixel_values.shape[1] != 3
+        ):
+            _fail(
+                f"`sam_pixel_values` must be (B={batch}, 3, S, S); got "
+                f"{tuple(sam_pixel_values.shape)}."
+            )
+        if model.image_encoder is not None:
+            frame = config.sam_config.vision_config.image_size
+            if tuple(sam_pixel_values.shape[-2:]) != (frame, frame):
+                _fail(
+                    f"`sam_pixel_values` must be (B, 3, {frame}, {frame}) (the SAM frame of "
+                    f"this model); got {tuple(sam_pixel_values.shape)}. Use the processor "
+                    "saved with this model."
+                )
+    size = config.mask_size
+    if gt_masks is not None:
+        if (
+            gt_masks.dim() != 4
+            or gt_masks.shape[0] != batch
+            or tuple(gt_masks.shape[2:])
+            != (
+                size,
+                size,
+            )
+        ):
+            _fail(
+                f"`gt_masks` must be (B={batch}, G, {size}, {size}) on the mask grid "
+                f"(SegCompassProcessor resizes masks for you); got {tuple(gt_masks.shape)}."
+            )
+        if gt_masks.is_complex():
+            _fail(f"`gt_masks` must be real 0/1 masks; got dtype {gt_masks.dtype}.")
+    if num_objects is not None:
+        if num_objects.is_floating_point() or num_objects.dtype == torch.bool:
+            _fail(f"`num_objects` must be an integer tensor (B,); got dtype {num_objects.dtype}.")
+        if num_objects.shape != (batch,):
+            _fail(f"`num_objects` must be (B={batch},); got {tuple(num_objects.shape)}.")
+    if valid_mask is not None and tuple(valid_mask.shape) != (batch, size, size):
+        _fail(f"`valid_mask` must be (B={batch}, {size}, {size}); got {tuple(valid_mask.shape)}.")
+
+
+def check_forward_values(
+    model: Any,
+    input_ids: torch.Tensor,
+    sam_pixel_values: torch.Tensor | None = None,
+    image_embeddings: torch.Tensor | None = None,
+    gt_masks: torch.Tensor | None = None,
+    num_objects: torch.Tensor | None = None,
+) -> None:
+    """Refuse out-of-vocabulary ids, non-finite pixels, non-binary masks and object counts
+    beyond the slots (reads values: call after `check_forward_inputs`)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        _fail(
+            f"`input_ids` must lie in [0, vocab_size={vocab}); got values in [{low}, {high}]. "
+            "Use the processor saved with this model, or resize the token embeddings."
+        )
+    for name, value in (
+        ("sam_pixel_values", sam_pixel_values),
+        ("image_embeddings", image_embeddings),
+    ):
+        if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
+            _fail(f"`{name}` contains NaN or Inf values; expected finite numbers.")
+    if gt_masks is not None and gt_masks.numel():
+        if gt_masks.is_floating_point() and not torch.isfinite(gt_masks).all():
+            _fail("`gt_masks` contains NaN or Inf values.")
+        low_m, high_m = float(gt_masks.min()), float(gt_masks.max())
+        if low_m < 0.0 or high_m > 1.0:
+            _fail(
+                f"`gt_masks` must hold values in [0, 1] (binary masks); got values in "
+                f"[{low_m:g}, {high_m:g}]. Binarise them first, e.g. `masks == 1`."
+            )
+    if num_objects is not None and num_objects.numel():
+        slots = model.config.num_slots
+        if int(num_objects.max()) > slots or int(num_objects.min()) < 0:
+            _fail(
+                f"`num_objects` must lie in [0, num_slots={slots}]; got {num_objects.tolist()}. "
+                "Drop samples with more objects than slots or raise config.num_slots."
+            )
+        if gt_masks is not None and int(num_objects.max()) > gt_masks.shape[1]:
+            _fail(
+                f"`num_objects` ({num_objects.tolist()}) exceeds the number of ground-truth "
+                f"masks G={gt_masks.shape[1]}."
+            )
+
+
+def values_are_checked(model: Any, input_ids: torch.Tensor) -> bool:
+    """Whether the forward reads input values: for CPU tensors, or when the config asks."""
+    return input_ids.device.type == "cpu" or bool(
+        getattr(model.config, "check_input_values", False)
+    )
+
+
+__all__ = ["check_forward_inputs", "check_forward_values", "values_are_checked"]
