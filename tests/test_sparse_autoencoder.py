@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from modeling_segcompass.sae_lens_format import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from modeling_segcompass.sparse_autoencoder import (
-    SAE_CFG_FILENAME,
-    SAE_WEIGHTS_FILENAME,
     SparseAutoencoder,
     SparseCodes,
     fraction_of_variance_unexplained,
