@@ -450,6 +450,14 @@ def test_malformed_polygon_names_file_and_ref(tmp_path):
     assert "odd number of coordinates (5)" in message
 
 
+def test_instances_without_ids_is_a_format_error_naming_the_file(tmp_path):
+    refs, instances = _refcoco_files(tmp_path)
+    del instances["images"][0]["id"]
+    _write_refcoco(tmp_path, refs=refs, instances=instances)
+    with pytest.raises(DatasetFormatError, match=r"instances\.json: expected 'images'"):
+        load_refcoco(tmp_path, split="val")
+
+
 def test_unknown_ann_id_error_and_skip_mode(tmp_path):
     refs, instances = _refcoco_files(tmp_path)
     refs[1]["ann_id"] = 999

@@ -124,6 +124,14 @@ def _read_instances(path: Path) -> _Instances:
         raise DatasetFormatError(
             path, None, "expected a COCO dict with 'images' and 'annotations' lists"
         )
-    images = {int(image["id"]): image for image in data["images"]}
-    annotations = {int(ann["id"]): ann for ann in data["annotations"]}
+    try:
+        images = {int(image["id"]): image for image in data["images"]}
+        annotations = {int(ann["id"]): ann for ann in data["annotations"]}
+    except (KeyError, TypeError, ValueError) as error:
+        raise DatasetFormatError(
+            path,
+            None,
+            "expected 'images' and 'annotations' to be lists of dicts with an integer 'id' "
+            f"({type(error).__name__}: {error})",
+        ) from error
     return _Instances(path, images, annotations)
