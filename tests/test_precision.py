@@ -31,7 +31,7 @@ from tests.helpers import (
     build_tiny_tokenizer_and_processor,
     force_answer,
 )
-from tests.test_grpo_trainer import grpo_args, world  # noqa: F401 (`world` is a fixture)
+from tests.training.test_grpo_trainer import grpo_args, world  # noqa: F401 (`world` is a fixture)
 
 LOW = [torch.bfloat16, torch.float16]
 FORCE = {"prefix_allowed_tokens_fn": force_answer(3)}  # a well-formed answer, K = 3
@@ -114,7 +114,7 @@ def test_precomputed_float32_image_embeddings_are_cast(processor):
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_segment_pipeline_and_endpoint_in_low_precision(processor, dtype):
-    from modeling_segcompass.endpoint_handler import EndpointHandler, rle_to_mask
+    from modeling_segcompass.serving.endpoint_handler import EndpointHandler, rle_to_mask
 
     model = sam_model(processor, dtype)
     picture = image(1)
@@ -224,7 +224,7 @@ def test_presets_leave_the_answer_token_ids_to_the_tokenizer(processor):
 
 
 def test_special_token_ids_need_the_tokens():
-    from tests.test_backbones_loading import qwen_like_tokenizer
+    from tests.assembly.test_backbones_loading import qwen_like_tokenizer
 
     with pytest.raises(ValueError, match=r"no '<REF_POS>' token.*from_vlm_processor"):
         SegCompassConfig.special_token_ids_from(qwen_like_tokenizer())

@@ -21,6 +21,12 @@ REMOTE_FILES = {
     "conv_image_encoder.py",
     "losses.py",
     "matching.py",
+    "answer_format.py",
+    "input_checks.py",
+    "loading.py",
+    "precision.py",
+    "sae_lens_format.py",
+    "pipeline_segcompass.py",  # model.segment runs the pipeline's segment
 }
 
 SCRIPT = HIDE_PACKAGE + textwrap.dedent(
