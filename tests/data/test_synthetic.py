@@ -1,4 +1,4 @@
-"""Tests of the synthetic reasoning-segmentation world (modeling_segcompass/data/synthetic.py).
+"""Tests of the synthetic reasoning-segmentation world (modeling_segcompass/data/synthetic/).
 
 Semantic checks re-derive each answer from the instruction text and the masks/objects, with
 rules written here independently of the generator's resolver.
@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 
+from modeling_segcompass.answer_format import REF_TOKEN, THINK_END, THINK_START
 from modeling_segcompass.data.synthetic import (
     COLOUR_FUNCTIONS,
     FAMILIES,
@@ -18,9 +19,6 @@ from modeling_segcompass.data.synthetic import (
     MAX_COT_WORDS,
     PALETTE,
     PLURALS,
-    REF_TOKEN,
-    THINK_END,
-    THINK_START,
     SyntheticWorldConfig,
     _cell_name,
     as_mask_array,
@@ -529,3 +527,12 @@ def test_scene_first_style_prefixes_the_description_and_keeps_the_same_examples(
     assert cfg.max_cot_words > build_tiny_cfg().max_cot_words == MAX_COT_WORDS
     with pytest.raises(ValueError, match="cot_style"):
         build_tiny_cfg(cot_style="scene")
+
+
+def test_answer_tokens_are_those_of_answer_format():
+    from modeling_segcompass import answer_format
+    from modeling_segcompass.data import synthetic
+
+    assert synthetic.REF_TOKEN is answer_format.REF_TOKEN
+    assert synthetic.THINK_START is answer_format.THINK_START
+    assert synthetic.THINK_END is answer_format.THINK_END
