@@ -181,7 +181,7 @@ def processor():
 def test_post_process_of_constant_logits_is_constant_and_consistent(
     processor, height, width, value, threshold
 ):
-    from modeling_segcompass.processing_segcompass import resized_longest_side
+    from modeling_segcompass.sam_frame import resized_longest_side
 
     reshaped = torch.tensor([resized_longest_side(height, width, processor.sam_image_size)])
     original = torch.tensor([[height, width]])
@@ -196,7 +196,7 @@ def test_post_process_of_constant_logits_is_constant_and_consistent(
 @FAST
 @given(seed=st.integers(0, 2**31 - 1), height=st.integers(8, 80), width=st.integers(8, 80))
 def test_post_process_commutes_with_slot_order_and_negation(processor, seed, height, width):
-    from modeling_segcompass.processing_segcompass import resized_longest_side
+    from modeling_segcompass.sam_frame import resized_longest_side
 
     reshaped = torch.tensor([resized_longest_side(height, width, processor.sam_image_size)])
     original = torch.tensor([[height, width]])

@@ -15,8 +15,8 @@ from modeling_segcompass.processing_segcompass import (
     SegCompassProcessor,
     build_prompt,
     parse_response,
-    resized_longest_side,
 )
+from modeling_segcompass.sam_frame import resized_longest_side
 
 PAD, IM_END, IMAGE_PAD, THINK, THINK_END, REF = 0, 2, 5, 7, 8, 9
 CORPUS = [
