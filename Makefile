@@ -21,7 +21,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check modeling_segcompass tests examples benchmarks
