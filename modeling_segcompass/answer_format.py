@@ -1,7 +1,7 @@
 """The answer format of SegCompass: a chain of thought, then K reference tokens.
 
 A completion reads ``<think> reasoning </think> [a few words] <REF_POS> ... <REF_POS>``
-(arXiv 2605.22658, Sec. 3.1: the MLLM reasons, then emits the positions whose hidden states
+(arXiv 2605.22658, the method's data flow: the MLLM reasons, then emits the positions whose hidden states
 ground the masks). This file is the one place that names the three answer tokens and parses
 a completion; `segment`, the processor, the GRPO format reward, the CLI and the demo all read
 a completion through `parse_answer` (text) or `parse_answer_ids` (token ids: a `<REF_POS>` is

@@ -19,7 +19,7 @@ SPECIAL_TOKEN_FIELDS: dict[str, str] = {
 }
 IMAGE_ENCODERS = ("sam", "conv", "none")
 
-# Published backbone settings used by `SegCompassConfig.paper` (PAPER.md, "The model").
+# Published backbone settings used by `SegCompassConfig.paper` (arXiv 2605.22658, the model).
 # name -> (vlm model_type, sae_layer)
 PAPER_BACKBONES: dict[str, tuple[str, int]] = {
     "qwen2.5-vl-7b": ("qwen2_5_vl", 13),
@@ -42,8 +42,8 @@ class SegCompassConfig(PreTrainedConfig):
             `prompt_encoder_config.image_embedding_size` the embedding side E (masks are 4E).
         image_encoder_type (`str`, defaults to `"sam"`):
             `"sam"`: SAM's ViT (`SamVisionEncoder`, real checkpoints). `"conv"`: a small
-            convolutional encoder (the tiny default; DEMO_PROBE.md measured a ViT from scratch
-            learning far slower on CPU). `"none"`: no encoder, `image_embeddings` must be
+            convolutional encoder (the tiny default: a ViT trained from scratch learns far
+            slower on CPU). `"none"`: no encoder, `image_embeddings` must be
             passed to `forward` (the reference caches SAM ViT-H embeddings).
         conv_encoder_width (`int`): width of the convolutional image encoder.
         sae_layer (`int`):
@@ -136,7 +136,7 @@ class SegCompassConfig(PreTrainedConfig):
     ref_token_id: int | None = None
     think_start_token_id: int | None = None
     think_end_token_id: int | None = None
-    # losses (PAPER.md "Training"; upstream scripts: seg 0.3, conf 0.2, dice 2.0, focal 5.0)
+    # losses (arXiv 2605.22658, training; the authors' scripts: seg 0.3, conf 0.2, dice 2.0, focal 5.0)
     lm_loss_weight: float = 1.0
     seg_loss_weight: float = 1.0
     conf_loss_weight: float = 0.2
@@ -393,7 +393,7 @@ class SegCompassConfig(PreTrainedConfig):
         Token ids default to the tiny tokenizer's layout (`tokenizer_builder.SPECIAL_TOKENS`).
         Tiny Qwen2.5-VL (text hidden 64, 2 layers, vision patch 8 + merge 2: 16 image tokens
         at 64 px), a conv image encoder giving a (B, 32, 16, 16) embedding, SAM prompt
-        encoder / mask decoder of width 32, masks at 64x64 (see DEMO_PROBE.md).
+        encoder / mask decoder of width 32, masks at 64x64 (docs/model.md).
         """
         vlm_config = {
             "model_type": "qwen2_5_vl",
@@ -503,7 +503,7 @@ class SegCompassConfig(PreTrainedConfig):
         tokenizer: Any = None,
         **overrides: Any,
     ) -> SegCompassConfig:
-        """The published dimensions (PAPER.md): d_sae 65536, codebook 512, 2 layers, 8 heads.
+        """The published dimensions (arXiv 2605.22658): d_sae 65536, codebook 512, 2 layers, 8 heads.
 
         `vlm` is one of `PAPER_BACKBONES` ("qwen2.5-vl-7b", "llava-1.5-7b", "llava-1.5-13b");
         SAM is ViT-H (the `SamConfig()` default). The reference runs a relu SAE with the

@@ -1,6 +1,6 @@
 """ConvImageEncoder: the tiny default's image encoder (SAM frame -> (B, C, E, E)).
 
-DEMO_PROBE.md measured that a SAM ViT trained from scratch learns far slower on 2 CPU
+A SAM ViT trained from scratch learns far slower on 2 CPU
 cores than two stride-2 convolutions with coordinate channels; real checkpoints use
 `SamVisionEncoder` instead (config.image_encoder_type = "sam").
 

@@ -1,6 +1,6 @@
 """Segmentation losses of SegCompass: heatmap, mask and per-slot confidence supervision.
 
-PAPER.md "Training": the mask path is supervised in the same step as the policy with
+The paper's training (arXiv 2605.22658): the mask path is supervised in the same step as the policy with
 heatmap BCE + heatmap Dice, mask Dice + sigmoid focal loss, and a per-slot confidence BCE whose
 targets come from Hungarian matching; pixels in SAM's padded area are excluded.
 
@@ -335,7 +335,7 @@ def compute_segmentation_loss(
                 pred_bin, gt_bin = pred_bin & valid_m, gt_bin & valid_m
             inter = (pred_bin & gt_bin).flatten(1).sum(1).float()
             union = (pred_bin | gt_bin).flatten(1).sum(1).float()
-            # Two empty masks agree perfectly: IoU 1 (the LISA convention, PAPER.md metrics).
+            # Two empty masks agree perfectly: IoU 1 (the LISA convention of the field's metrics).
             true_iou = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
         iou_m = iou_predictions[batch_index, slot_index]  # (M,)
         mask_iou_mse = ((iou_m - true_iou.to(iou_m.dtype)) ** 2).sum() / num_pairs

@@ -1,7 +1,7 @@
 """Hungarian matching between predicted slots and ground-truth masks.
 
 SegCompass predicts K slots per sample and supervises them with G <= K ground-truth masks
-(PAPER.md "Training": confidence targets from Hungarian matching). This module provides
+(the paper's training: confidence targets from Hungarian matching). This module provides
 
 * `linear_sum_assignment`: a minimum-cost assignment that uses scipy when it is installed and
   otherwise an exact search over all assignments (fine up to about 8 x 8);

@@ -6,7 +6,7 @@ that ``pipeline(model=folder_or_repo, trust_remote_code=True)`` rebuilds it with
 package. The work is done by `segment` here, which the model's `segment` calls too (generate
 the chain of thought and the `<REF_POS>` tokens, one forward, keep confident slots, masks at
 the original size); the pipeline converts its result to plain Python / numpy and adds the concept trace
-(PAPER.md, "The interpretability claim"): per slot, the SAE concepts it gathered most and
+(the paper's interpretability claim, arXiv 2605.22658): per slot, the SAE concepts it gathered most and
 the tokens they fired on.
 
 Remote-code file: imports only the standard library, numpy, torch, transformers and its

@@ -4,7 +4,7 @@ Remote-code file: it is copied next to a saved model and imported by users who d
 this package, so it imports only the standard library, numpy, torch and transformers (PIL
 only inside ``try``).
 
-What one call does (PAPER.md, "The model, data flow"):
+What one call does (arXiv 2605.22658, the model's data flow):
 
 1. The instruction becomes the SegCompass prompt (`build_prompt`), rendered with the
    tokenizer's chat template around one image placeholder; the placeholder is expanded to
@@ -12,14 +12,12 @@ What one call does (PAPER.md, "The model, data flow"):
    Qwen2.5-VL's own processor does.
 2. The image goes twice through preprocessing: the Qwen2-VL image processor (patches for
    the VLM) and SAM's "resize longest side, normalise, pad bottom/right" recipe
-   (`sam_pixel_values`), done here in torch so that torchvision is not needed
-   (PLATFORM.md, "Installing").
+   (`sam_pixel_values`, `sam_frame.py`), done in torch so that torchvision is not needed.
 3. Optional responses are appended for training (labels = -100 on the prompt and padding);
    optional ground-truth masks go through the same resize/pad as the SAM image and then to
-   the mask grid M = 4E (256 for real SAM) like the reference's ``mask_float_256``
-   (DATA_FORMATS.md, section 4).
+   the mask grid M = 4E (256 for real SAM) like the reference's ``mask_float_256``.
 
-`post_process_masks` inverts step 2 for predicted mask logits.
+`post_process_masks` inverts the SAM geometry for predicted mask logits.
 """
 
 from __future__ import annotations
@@ -74,7 +72,7 @@ def build_prompt(instruction: str, num_slots: int) -> str:
     """The user-turn text of SegCompass: the task, then the answer format.
 
     This is the one place the prompt wording lives. It asks for a chain of thought inside
-    think tags followed by ``num_slots`` reference-position tokens (PAPER.md, data flow 1).
+    think tags followed by ``num_slots`` reference-position tokens (the paper's data flow, step 1).
     The tags and the reference token are named in words, not written as tokens, so that
     every `<think>`, `</think>` and `<REF_POS>` id of a sequence comes from the response: the
     model takes the *last* K `<REF_POS>` states, and a completion without them must get no

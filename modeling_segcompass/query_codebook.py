@@ -1,4 +1,4 @@
-"""QueryCodebook: sparse SAE codes of every token -> K slot vectors (PAPER.md, step 3).
+"""QueryCodebook: sparse SAE codes of every token -> K slot vectors (arXiv 2605.22658, data flow step 3).
 
 The reference projects the dense (B, L, d_sae) activation matrix through a bias-free
 codebook (d_sae -> d_q). Only the active latents contribute to that product, so here the

@@ -1,4 +1,4 @@
-"""SlotMapper: slot vectors + `<REF_POS>` states -> heatmaps on the image (PAPER.md, step 4).
+"""SlotMapper: slot vectors + `<REF_POS>` states -> heatmaps on the image (arXiv 2605.22658, data flow step 4).
 
 For each slot: project the slot to the LLM width, fuse it with the last-layer hidden
 state of its `<REF_POS>` token (concat -> LayerNorm -> Linear -> SiLU), then compare the
