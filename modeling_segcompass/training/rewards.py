@@ -1,8 +1,10 @@
 """GRPO rewards of SegCompass: format score, mask scores and TRL reward functions.
 
-PAPER.md "Training": reward = 0.3 * format + 0.7 * mask, with
+The reward of the paper's training section (arXiv 2605.22658): reward = 0.3 * format +
+0.7 * mask, with
 
-* format in {0, 0.9, 1.0} (`format_score`),
+* format in {0, 0.9, 1.0} (`format_score`, defined with the answer parser in
+  `modeling_segcompass.answer_format` and re-exported here),
 * single-object mask = 0.5 soft IoU + 0.2 soft Dice + 0.3 hard IoU (`single_mask_score`),
 * multi-object mask = mean soft IoU after Hungarian matching of the kept slots (confidence
   logit >= 0.5) to the ground truth, padded so that misses and extras count 0
@@ -24,7 +26,6 @@ as the predictions) and `num_objects` (real masks per sample; -1 = single-object
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..answer_format import REF_TOKEN, format_score
 from ..matching import linear_sum_assignment, pairwise_soft_iou
 
 logger = logging.getLogger(__name__)
@@ -53,75 +55,14 @@ __all__ = [
     "single_mask_score",
 ]
 
-#: Reward weights of the paper (ablation: 0.3 : 0.7 is best, PAPER.md "Training").
+#: Reward weights of the paper (its ablation finds 0.3 : 0.7 best; arXiv 2605.22658).
 FORMAT_WEIGHT = 0.3
 MASK_WEIGHT = 0.7
 
-REF_TOKEN = "<REF_POS>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-#: Thoughts longer than this many characters are downgraded to 0.9 (upstream).
-MAX_THINK_CHARS = 2048
-#: More words than this between `</think>` and the first `<REF_POS>` give 0.9 (upstream).
-MAX_WORDS_BEFORE_REF = 10
-
-_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", flags=re.DOTALL)
 _EPS = 1e-6  # upstream's epsilon in the single-object soft IoU / Dice / hard IoU denominators
 
 
 # --------------------------------------------------------------------------- pure scores
-
-
-def format_score(text: str, num_ref: int = 1) -> float:
-    """Format score of one completion, in {0.0, 0.9, 1.0} (upstream `rseg_cot.format_reward`).
-
-    0.0 unless all hold: exactly one `<think>` and one `</think>` forming one block whose
-    content is not blank; exactly `num_ref` `<REF_POS>` tokens; the first of them after
-    `</think>`. Otherwise 0.9 if the thought exceeds 2048 characters, or non-whitespace text
-    stands before `<think>`, or more than 10 whitespace-separated words stand between
-    `</think>` and the first `<REF_POS>`; else 1.0. Text after the last `<REF_POS>` is not
-    penalised (upstream's code, though its docstring says otherwise). Upstream requires exactly
-    one `<REF_POS>`; `num_ref` generalises it to K slots. Unlike upstream's regex, a stray
-    second `<think>` or `</think>` makes the format invalid.
-
-    Args:
-        text: the completion text.
-        num_ref: the required number of `<REF_POS>` tokens (>= 1).
-
-    Returns:
-        0.0, 0.9 or 1.0.
-
-    Examples:
-        >>> format_score("<think>red circle, left</think> It is <REF_POS>")
-        1.0
-        >>> format_score("Sure. <think>red circle</think><REF_POS>")
-        0.9
-        >>> format_score("<think> </think><REF_POS>")
-        0.0
-        >>> format_score("<think>two cats</think><REF_POS><REF_POS>", num_ref=2)
-        1.0
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"`text` must be a str; got {type(text).__name__}.")
-    if isinstance(num_ref, bool) or not isinstance(num_ref, int) or num_ref < 1:
-        raise ValueError(f"`num_ref` must be an int >= 1 (reference tokens); got {num_ref!r}.")
-    if text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1:
-        return 0.0
-    block = _THINK_BLOCK.search(text)
-    if block is None or not block.group(1).strip():
-        return 0.0
-    if text.count(REF_TOKEN) != num_ref:
-        return 0.0
-    first_ref = text.find(REF_TOKEN)
-    if first_ref < block.end():
-        return 0.0
-
-    long_thought = len(block.group(1)) > MAX_THINK_CHARS
-    text_before = bool(text[: block.start()].strip())
-    words_between = len(text[block.end() : first_ref].split())
-    if long_thought or text_before or words_between > MAX_WORDS_BEFORE_REF:
-        return 0.9
-    return 1.0
 
 
 def _as_float_tensor(value: Any, name: str) -> torch.Tensor:

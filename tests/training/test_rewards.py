@@ -35,8 +35,9 @@ def test_doctests_pass():
 
 
 # ------------------------------------------------------------------ paper reference cases
-# PAPER.md "Training" (4x4 masks, reward with format 0 = 0.7 * mask), the cases of upstream
-# scots.py's self-test. Predictions are given upstream as probabilities; we pass their logits.
+# The reward of arXiv 2605.22658's training section (4x4 masks, reward with format 0 =
+# 0.7 * mask), on the cases of the self-test in upstream SegCompass' scots.py. Predictions
+# are given upstream as probabilities; we pass their logits.
 
 
 def _case_perfect_two():
