@@ -62,6 +62,7 @@ from modeling_segcompass.data.synthetic import (
     iter_texts,
 )
 from modeling_segcompass.evaluation.metrics import SegmentationMetrics
+from modeling_segcompass.evaluation.rows import answer_phrase
 from modeling_segcompass.processing_segcompass import SegCompassProcessor
 from modeling_segcompass.training.grpo_trainer import (
     SegCompassGRPOConfig,
@@ -78,11 +79,6 @@ logger = logging.getLogger("grpo_learning_check")
 
 
 # --------------------------------------------------------------------------- evaluation
-def _answer_phrase(text: str) -> str:
-    inner = text.split("</think>")[0]
-    return inner.split("answer :")[-1].strip() if "answer :" in inner else ""
-
-
 @torch.no_grad()
 def evaluate(
     model: Any, processor: Any, examples: list[dict[str, Any]], *, max_new_tokens: int,
@@ -142,7 +138,7 @@ def evaluate(
             out["mask"].append(score.mask)
             out["iou"].append(float(sample.iou))
             out["family"].append(ex["family"])
-            out["answer_ok"].append(_answer_phrase(res.text) == _answer_phrase(ex["response"]))
+            out["answer_ok"].append(answer_phrase(res.text) == answer_phrase(ex["response"]))
     model.train()
     return out
 
