@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
-from modeling_segcompass.cli import commands as cli
+from modeling_segcompass.cli import build_parser, main
+from modeling_segcompass.cli.data import load_rows, parse_data_spec
+from modeling_segcompass.cli.predict import SLOT_COLOURS, overlay_masks
 from modeling_segcompass.data.formats import decode_rle
 from tests.helpers import build_tiny_tokenizer_and_processor
 
@@ -38,14 +40,14 @@ def image_path(tmp_path_factory):
 
 
 def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
+    code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
 
 # --------------------------------------------------------------------------- help
 def _options_of(command):
-    parser = cli.build_parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     return [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
 
@@ -58,7 +60,7 @@ def test_help_lists_every_option_with_its_help(capsys, command):
     assert len(options) >= 4
     for option in options:
         assert option in out, f"{command} --help does not mention {option}"
-    parser = cli.build_parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     undocumented = [a.dest for a in sub._actions if a.option_strings and not a.help]
     assert undocumented == []
@@ -101,24 +103,24 @@ def test_demo_passes_its_options_to_run_demo(capsys, monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- data specs
 def test_data_specs_parse_and_bad_ones_are_user_errors(tmp_path):
-    assert cli.parse_data_spec("synthetic[:6]").count == 6
-    assert cli.parse_data_spec("synthetic:12").count == 12
-    assert cli.parse_data_spec("synthetic").count is None
-    spec = cli.parse_data_spec("refcoco:C:/data/refer:refcoco+:testA")  # a root with a colon
+    assert parse_data_spec("synthetic[:6]").count == 6
+    assert parse_data_spec("synthetic:12").count == 12
+    assert parse_data_spec("synthetic").count is None
+    spec = parse_data_spec("refcoco:C:/data/refer:refcoco+:testA")  # a root with a colon
     assert (spec.kind, spec.root, spec.dataset, spec.split) == (
         "refcoco", "C:/data/refer", "refcoco+", "testA",
     )  # fmt: skip
-    spec = cli.parse_data_spec("reasonseg:/x/y:val")
+    spec = parse_data_spec("reasonseg:/x/y:val")
     assert (spec.kind, spec.root, spec.split) == ("reasonseg", "/x/y", "val")
-    assert cli.parse_data_spec(str(tmp_path)).kind == "disk"
+    assert parse_data_spec(str(tmp_path)).kind == "disk"
     for bad in ("synthetic[:0]", "synthetic[:x]", "refcoco:/r:refclef:val", "grefcoco:/r",
                 str(tmp_path / "missing")):  # fmt: skip
-        with pytest.raises(cli.CLIError):
-            cli.parse_data_spec(bad)
+        with pytest.raises(ValueError):
+            parse_data_spec(bad)
 
 
 def test_synthetic_rows_follow_the_model_slots_and_the_limit():
-    rows = cli.load_rows(cli.parse_data_spec("synthetic[:5]"), num_slots=2, limit=3)
+    rows = load_rows(parse_data_spec("synthetic[:5]"), num_slots=2, limit=3)
     assert len(rows) == 3
     for row in rows:
         assert row["response"].count("<REF_POS>") == 2
@@ -129,8 +131,8 @@ def test_saved_dataset_rows_are_normalised(tmp_path):
     from modeling_segcompass.data.synthetic import SyntheticWorldConfig, build_dataset
 
     build_dataset(SyntheticWorldConfig(num_slots=3), 4).save_to_disk(tmp_path / "ds")
-    rows = cli.load_rows(cli.parse_data_spec(str(tmp_path / "ds")), num_slots=3)
-    direct = cli.load_rows(cli.parse_data_spec("synthetic[:4]"), num_slots=3)
+    rows = load_rows(parse_data_spec(str(tmp_path / "ds")), num_slots=3)
+    direct = load_rows(parse_data_spec("synthetic[:4]"), num_slots=3)
     assert [r["instruction"] for r in rows] == [r["instruction"] for r in direct]
     for a, b in zip(rows, direct):
         assert a["masks"].dtype == np.uint8 and np.array_equal(a["masks"], b["masks"])
@@ -143,8 +145,8 @@ def test_overlay_tints_only_mask_pixels_with_the_slot_colour():
     masks = np.zeros((2, 4, 5), bool)
     masks[0, 0, 0] = True
     masks[1, 3, 4] = True
-    out = np.asarray(cli.overlay_masks(image, masks, [0, 2], alpha=0.5))
-    red, blue = cli.SLOT_COLOURS[0], cli.SLOT_COLOURS[2]
+    out = np.asarray(overlay_masks(image, masks, [0, 2], alpha=0.5))
+    red, blue = SLOT_COLOURS[0], SLOT_COLOURS[2]
     assert out[0, 0].tolist() == [round(50 + c / 2) for c in red]
     assert out[3, 4].tolist() == [round(50 + c / 2) for c in blue]
     untouched = np.ones((4, 5), bool)
@@ -214,7 +216,7 @@ def test_predict_writes_overlay_result_and_report(
         else np.zeros((0, 40, 56), bool)
     )
     assert [int(m.sum()) for m in masks] == [m["area"] for m in result["masks"]]
-    expected_png = np.asarray(cli.overlay_masks(image, masks, result["slot_indices"]))
+    expected_png = np.asarray(overlay_masks(image, masks, result["slot_indices"]))
     assert np.array_equal(np.asarray(Image.open(out_dir / "mask.png")), expected_png)
     assert "image_0.png" in (out_dir / "report.html").read_text()
 
@@ -268,7 +270,7 @@ def test_model_folder_without_config_or_processor_is_a_user_error(
 @pytest.fixture(scope="module")
 def eval_json(model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("eval") / "eval.json"
-    code = cli.main(
+    code = main(
         ["eval", "--model", str(model_dir), "--data", "synthetic[:6]", "--teacher-forced",
          "--output", str(path), "--no-progress", "--batch-size", "4"]
     )  # fmt: skip
@@ -497,10 +499,12 @@ def test_bad_options_exit_2_before_any_work(capsys, model_dir, tmp_path, argv, m
 
 
 def test_unexpected_errors_exit_1_and_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):
-    def boom(args):
+    import modeling_segcompass.demo.run as demo
+
+    def boom(output_dir, **kwargs):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(cli, "cmd_demo", boom)
+    monkeypatch.setattr(demo, "run_demo", boom)
     code, _, err = run(capsys, "demo", "--output-dir", tmp_path)
     assert code == 1 and "kaput" in err and "--debug" in err and "Traceback" not in err
     code, _, err = run(capsys, "demo", "--output-dir", tmp_path, "--debug")
@@ -510,3 +514,11 @@ def test_unexpected_errors_exit_1_and_debug_shows_the_traceback(capsys, monkeypa
 def test_usage_errors_of_argparse_return_2(capsys):
     code, _, err = run(capsys, "predict", "--image", "x.png")
     assert code == 2 and "required" in err
+
+
+def test_command_names_stay_importable_from_the_commands_module():
+    from modeling_segcompass.cli import commands
+
+    assert commands.main is main and commands.load_rows is load_rows
+    for name in ("load_model", "evaluate_rows", "overlay_masks", "cmd_demo", "CLIError"):
+        assert hasattr(commands, name), name
