@@ -41,14 +41,14 @@ def test_time_schedule_warms_up_by_steps_then_decays_on_wall_time(monkeypatch):
 
     import torch
 
-    import modeling_segcompass.demo.run as demo
+    import modeling_segcompass.demo.schedule as schedule
 
     clock = {"now": 100.0}
-    monkeypatch.setattr(demo.time, "time", lambda: clock["now"])
+    monkeypatch.setattr(schedule.time, "time", lambda: clock["now"])
     weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": [weights[0]], "lr": 1.0},
                                  {"params": [weights[1]], "lr": 0.5}])  # fmt: skip
-    callback = demo._time_schedule_callback(deadline=200.0, warmup_steps=4)
+    callback = schedule.time_schedule_callback(deadline=200.0, warmup_steps=4)
     state = SimpleNamespace(global_step=0)
     callback.on_train_begin(None, state, None, optimizer=optimizer)
 
@@ -80,7 +80,8 @@ def test_reload_step_takes_a_relative_output_folder_from_another_working_directo
     from PIL import Image
 
     from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
-    from modeling_segcompass.demo.run import DemoSummary, _reload_in_fresh_process, _write_summary
+    from modeling_segcompass.demo.reload import reload_in_fresh_process
+    from modeling_segcompass.demo.summary import DemoSummary, write_summary
     from modeling_segcompass.serving.hub import export
     from tests.helpers import build_tiny_tokenizer_and_processor
 
@@ -93,7 +94,7 @@ def test_reload_step_takes_a_relative_output_folder_from_another_working_directo
     export(model.eval(), processor, Path("demo_output/hub_model"), repo_id="local/x", toy=True)
     Image.new("RGB", (32, 32), (200, 30, 30)).save("demo_output/example.png")
 
-    result = _reload_in_fresh_process(
+    result = reload_in_fresh_process(
         Path("demo_output/hub_model"), Path("demo_output/example.png"), "the red square", 6
     )
     assert result["class_module"].startswith("transformers_modules.")
@@ -103,7 +104,7 @@ def test_reload_step_takes_a_relative_output_folder_from_another_working_directo
     # The summary records the reload in summary.md, as `.ci/run` checks it.
     summary = DemoSummary(output_dir="demo_output", wall_time_s=1.0)
     summary.reload_check = {**{k: v for k, v in result.items() if k != "mask"}, "ok": True}
-    _write_summary(summary, Path("demo_output"))
+    write_summary(summary, Path("demo_output"))
     text = Path("demo_output/summary.md").read_text()
     assert "- reload: ok" in text and "transformers_modules." in text
 
@@ -113,8 +114,8 @@ def test_reload_step_refuses_a_folder_without_an_export(tmp_path, monkeypatch):
 
     import pytest
 
-    from modeling_segcompass.demo.run import _reload_in_fresh_process
+    from modeling_segcompass.demo.reload import reload_in_fresh_process
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        _reload_in_fresh_process(Path("nothing_here"), Path("x.png"), "the red square", 6)
+        reload_in_fresh_process(Path("nothing_here"), Path("x.png"), "the red square", 6)
