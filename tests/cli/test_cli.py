@@ -498,6 +498,21 @@ def test_bad_options_exit_2_before_any_work(capsys, model_dir, tmp_path, argv, m
     assert code == 2 and message in err and "Traceback" not in err
 
 
+def test_unreadable_data_is_a_one_line_user_error(capsys, monkeypatch, model_dir, tmp_path):
+    import modeling_segcompass.cli.data as data
+
+    def unreadable(spec, **kwargs):
+        raise OSError("image file is truncated")
+
+    monkeypatch.setattr(data, "load_rows", unreadable)
+    code, _, err = run(
+        capsys, "eval", "--model", model_dir, "--data", "synthetic[:2]", "--output",
+        tmp_path / "e.json", "--no-progress",
+    )  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    assert "--data 'synthetic[:2]': could not read the data (image file is truncated)" in err
+
+
 def test_unexpected_errors_exit_1_and_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):
     import modeling_segcompass.demo.run as demo
 
