@@ -43,7 +43,7 @@ _LAZY = {
     "ModuleLearningRates": "training.sft",
     "train_sft": "training.sft",
     "pretrain_sae_for_model": "training.sae_training",
-    "SegCompassGRPOConfig": "training.grpo_trainer",
+    "SegCompassGRPOConfig": "training.grpo_config",
     "SegCompassGRPOTrainer": "training.grpo_trainer",
     "explain": "interpret.explain",
     "ablate_concepts": "interpret.explain",
