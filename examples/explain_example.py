@@ -31,8 +31,19 @@ from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmenta
 from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer
 from modeling_segcompass.data.collator import SegCompassCollator
 from modeling_segcompass.data.synthetic import SyntheticWorldConfig, generate_examples, iter_texts
-from modeling_segcompass.interpret import explain as interpret
+from modeling_segcompass.interpret.ablation import (
+    ablate_concepts,
+    concept_ablation_study,
+    rank_concepts_by_effect,
+)
+from modeling_segcompass.interpret.explain import explain
 from modeling_segcompass.interpret.labels import build_concept_labels, save_concept_labels
+from modeling_segcompass.interpret.quality import concept_quality_vs_accuracy
+from modeling_segcompass.interpret.render import (
+    plot_quality_vs_accuracy,
+    render_ablation,
+    write_report,
+)
 from modeling_segcompass.processing_segcompass import SegCompassProcessor
 
 logger = logging.getLogger("explain_example")
@@ -105,8 +116,8 @@ def main() -> None:
         responses=[r["response"] for r in shown],
         masks=[r["masks"] for r in shown],
     )
-    explanations = interpret.explain(model, inputs, tokenizer=tokenizer, concept_labels=labels)
-    study = interpret.concept_ablation_study(model, inputs, top_n=3, random_draws=5)
+    explanations = explain(model, inputs, tokenizer=tokenizer, concept_labels=labels)
+    study = concept_ablation_study(model, inputs, top_n=3, random_draws=5)
     # one slot, drawn: its top-3 concepts removed vs 3 random active ones
     keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "sam_pixel_values")
     with torch.no_grad():
@@ -117,26 +128,24 @@ def main() -> None:
     rows = inputs["input_ids"].shape[0]
     random_ids = np.random.default_rng(args.seed).choice(pool, 3, replace=False).tolist()
     edits = {
-        "top-3 removed": interpret.ablate_concepts(
+        "top-3 removed": ablate_concepts(
             model, inputs, [record.top_concepts if b == record.sample else [] for b in range(rows)]
         ),
-        "3 random removed": interpret.ablate_concepts(
+        "3 random removed": ablate_concepts(
             model, inputs, [random_ids if b == record.sample else [] for b in range(rows)]
         ),
     }
-    interpret.render_ablation(
+    render_ablation(
         output, edits, record.sample, record.slot, args.out / "report" / "ablation_0.png",
         image=shown[record.sample]["image"],
         title=f"{shown[record.sample]['instruction']} (slot {record.slot})",
     )  # fmt: skip
-    ranking = interpret.rank_concepts_by_effect(
-        model, inputs, max_candidates=16, concept_labels=labels
+    ranking = rank_concepts_by_effect(model, inputs, max_candidates=16, concept_labels=labels)
+    quality = concept_quality_vs_accuracy(model, held_out, processor, concept_labels=labels)
+    quality.plot_path = plot_quality_vs_accuracy(
+        quality, args.out / "report" / "quality_vs_accuracy.png"
     )
-    quality = interpret.concept_quality_vs_accuracy(
-        model, held_out, processor, concept_labels=labels,
-        plot_path=args.out / "report" / "quality_vs_accuracy.png",
-    )  # fmt: skip
-    index = interpret.write_report(
+    index = write_report(
         explanations,
         [r["image"] for r in shown],
         args.out / "report",

@@ -1,14 +1,14 @@
 """Concept labels: what each SAE latent fires on, over a dataset, stored with the model.
 
-The paper's interpretability claim (PAPER.md, "The interpretability claim") is that every
-mask can be traced to SAE concepts. A latent id alone says nothing to a reader, so this
-module scans a dataset once and records, for each latent, the text tokens and the image
-patches that activate it most. The result is a small JSON side file,
-``concept_labels.json``, saved in the model folder, so that `interpret.explain` can name
-concepts offline (no dataset needed at explanation time).
+arXiv 2605.22658 claims that every mask can be traced to SAE concepts (the paper's
+interpretability claim). A latent id alone says nothing to a reader, so this module scans
+a dataset once and records, for each latent, the text tokens and the image patches that
+activate it most. The result is a small JSON side file, ``concept_labels.json``, saved in
+the model folder, so that `interpret.explain` can name concepts offline (no dataset needed
+at explanation time).
 
-Token roles (shared with `interpret.py`): every position of a SegCompass sequence is one of
-``"visual"`` (an image placeholder token, i.e. one merged image patch), ``"prompt"``
+Token roles (shared with `interpret.explain`): every position of a SegCompass sequence is
+one of ``"visual"`` (an image placeholder token, i.e. one merged image patch), ``"prompt"``
 (instruction and chat scaffold), ``"cot"`` (inside ``<think> ... </think>``, tags included),
 ``"ref"`` (a `<REF_POS>` token), ``"answer"`` (other response tokens) or ``"pad"``.
 
