@@ -1,6 +1,6 @@
 """SAE pretraining: cache the VLM's hidden states at ``sae_layer``, train the SAE on them.
 
-PAPER.md, data flow step 2: the SAE is pretrained on cached LLM activations, then trained
+As in arXiv 2605.22658, the SAE is pretrained on cached LLM activations, then trained
 jointly. Three steps, each usable alone:
 
 1. :func:`cache_activations` runs ``model.vlm`` over batches with a forward hook on decoder

@@ -5,9 +5,9 @@ and ``gt_masks``): LM cross-entropy on the gold response + segmentation losses (
 reconstruction term when ``config.sae_reconstruction_weight > 0``). This module adds what
 the plain Trainer lacks:
 
-* per-module learning rates (PAPER.md, "Training"): the new heads learn many times faster
-  than the LLM, through the optimizer's parameter groups (:class:`ModuleLearningRates`,
-  :func:`build_param_groups`, :class:`SegCompassTrainer`);
+* per-module learning rates (the paper's training section, arXiv 2605.22658): the new heads
+  learn many times faster than the LLM, through the optimizer's parameter groups
+  (:class:`ModuleLearningRates`, :func:`build_param_groups`, :class:`SegCompassTrainer`);
 * LoRA on the VLM's language-model attention while the new heads train fully
   (:func:`apply_lora`), and merging for export (:func:`merge_lora`);
 * atomic checkpoints and resume from the last complete one (:mod:`.checkpointing`);
@@ -67,13 +67,13 @@ _WRAPPER_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
 class ModuleLearningRates:
     """Learning-rate multipliers per module: group lr = ``base_lr * multiplier``.
 
-    Defaults follow PAPER.md ("Per-module learning rates": base 1e-6 to 2e-6 for the LLM;
-    codebook x25-30, slot mapper x25-80, prompt encoder x10, mask decoder x5-10), taking
-    the lower end of each published range. The paper does not give multipliers for the SAE
+    Defaults follow the per-module learning rates of arXiv 2605.22658 (base 1e-6 to 2e-6 for
+    the LLM; codebook x25-30, slot mapper x25-80, prompt encoder x10, mask decoder x5-10),
+    taking the lower end of each published range. The paper does not give multipliers for the SAE
     and the image encoder: both arrive pretrained (SAE pretraining, SAM's ViT), so they get
     the LLM's rate (x1). A multiplier of 0 freezes a module (its parameters stay out of the
     optimizer). For the tiny from-scratch default use :meth:`uniform` with base lr 3e-3
-    (DEMO_PROBE.md: AdamW 3e-3 for everything worked best at that scale).
+    (at that scale one AdamW rate for every module trains best).
     """
 
     vlm: float = 1.0

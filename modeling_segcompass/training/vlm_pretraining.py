@@ -3,9 +3,9 @@ its language model depends on the image.
 
 Real SegCompass starts from a pretrained VLM (Qwen2.5-VL) that already reads images. The
 embedded default builds a tiny VLM from scratch, and trained on the reasoning task alone it
-learns to ignore the image: its LM loss on held-out gold responses was the same with the
-right image and with another one (0.369 vs 0.369, docs/results.md), because most response
-words follow from the instruction. `pretrain_vlm` first trains it on an image-description
+learns to ignore the image: its LM loss on held-out gold responses is the same with the
+right image and with another one (docs/results.md), because most response words follow
+from the instruction. `pretrain_vlm` first trains it on an image-description
 task (`data.synthetic.describe_example`), where every answer word depends on the image, as
 the captioning stage of real VLM training does. Only the VLM runs (no SAE, codebook or mask
 path), so a step costs about a quarter of a SegCompass training step.
