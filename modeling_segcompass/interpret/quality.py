@@ -8,6 +8,7 @@ intervals. Nothing here draws: `render.plot_quality_vs_accuracy` plots a report.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -219,15 +220,16 @@ def concept_quality_vs_accuracy(
     ci_method: str = "fisher",
     n_bootstrap: int = 1000,
     seed: int = 0,
+    plot_path: str | os.PathLike | None = None,
 ) -> QualityAccuracyReport:
-    """Per-sample concept quality against mask IoU, with correlations (nothing is drawn).
+    """Per-sample concept quality against mask IoU, with correlations.
 
     arXiv 2605.22658 reports that concept quality correlates with mask accuracy; this measures
     it on any dataset of rows with ``image``, ``instruction``, ``response`` (the gold or a
     generated completion), ``masks`` (N, H, W) and, for attribute agreement, the synthetic
     world's ``objects`` / ``target_indices`` (or pass `target_attributes(row, j) -> set of
-    words`). Samples without targets are skipped (their IoU is undefined). Draw the result
-    with `render.plot_quality_vs_accuracy`.
+    words`). Samples without targets are skipped (their IoU is undefined). The computation
+    draws nothing; `plot_path` asks `render.plot_quality_vs_accuracy` to draw the result there.
 
     Args:
         model: a `SegCompassForReasoningSegmentation`.
@@ -237,7 +239,14 @@ def concept_quality_vs_accuracy(
         concept_labels: enables the attribute-agreement measure.
         top_n: concepts per slot for concentration and agreement.
         confidence, ci_method, n_bootstrap, seed: see `correlate`.
+        plot_path: not accepted any more (a clear error says how to draw the report).
     """
+    if plot_path is not None:
+        raise TypeError(
+            "concept_quality_vs_accuracy computes the correlations and draws nothing; draw them "
+            "with `from modeling_segcompass.interpret.render import plot_quality_vs_accuracy; "
+            "report.plot_path = plot_quality_vs_accuracy(report, path)`."
+        )
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is None:
         raise ValueError(

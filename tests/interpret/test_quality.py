@@ -59,3 +59,10 @@ def test_quality_vs_accuracy_on_known_world(world):
     }
     assert report.plot_path is None  # computing draws nothing (render.plot_quality_vs_accuracy)
     assert "| measure |" in report.to_markdown()
+
+
+def test_quality_refuses_plot_path_and_names_the_renderer():
+    from modeling_segcompass.interpret.quality import concept_quality_vs_accuracy
+
+    with pytest.raises(TypeError, match="plot_quality_vs_accuracy"):
+        concept_quality_vs_accuracy(None, [], plot_path="x.png")
