@@ -12,7 +12,7 @@ DEMO_MINUTES ?= 14
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# CPU build from local disk first; the package ranges below accept it (see PLATFORM.md).
+	# CPU build from local disk first; the package ranges below accept it.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	rm -f $(VENV)/.installed-*

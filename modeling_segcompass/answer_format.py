@@ -224,7 +224,7 @@ def format_score(answer: ParsedAnswer | str, num_ref: int = 1) -> float:
         1.0
     """
     if not isinstance(answer, (str, ParsedAnswer)):
-        raise TypeError(f"`text` must be a str; got {type(answer).__name__}.")
+        raise TypeError(f"`answer` must be a str or a ParsedAnswer; got {type(answer).__name__}.")
     if isinstance(num_ref, bool) or not isinstance(num_ref, int) or num_ref < 1:
         raise ValueError(f"`num_ref` must be an int >= 1 (reference tokens); got {num_ref!r}.")
     a = _as_parsed(answer)

@@ -414,7 +414,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             sparse_codebook: override `config.sparse_codebook` for this call.
             edit_concepts: `f(indices, values) -> (indices, values)` applied to the sparse codes
                 (B, L, n) before the codebook, everything else unchanged: the hook for causal
-                concept ablation / swapping (see `interpret.ablate_concepts`).
+                concept ablation / swapping (see `interpret.ablation.ablate_concepts`).
         """
         check_forward_inputs(
             self, input_ids, attention_mask, sam_pixel_values, image_embeddings, gt_masks,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's GRPO stage (PAPER.md "Training") on one node of 8 GPUs:
+# The paper's GRPO stage (arXiv 2605.22658, training) on one node of 8 GPUs:
 #   Qwen2.5-VL-7B policy, SAM ViT-H mask decoder, G = 8, reward 0.3 format + 0.7 mask,
 #   low-variance KL, mask + confidence loss in the same step, per-module learning rates,
 #   vLLM rollouts colocated with training.

@@ -1,6 +1,6 @@
 """Assemble SegCompass from real checkpoints: an image-text-to-text VLM, SAM, optionally an SAE.
 
-ARCHITECTURE.md, "Assembling from real checkpoints". The VLM (a local folder or Hub id in
+The VLM (a local folder or Hub id in
 `save_pretrained` format, e.g. Qwen2.5-VL-7B-Instruct) and SAM (`facebook/sam-vit-*` format,
 `SamModel`) keep their weights; `<think>`, `</think>` and `<REF_POS>` are added to the
 tokenizer when missing and the token embeddings grow to match; the SAE (SAELens format) is
@@ -210,7 +210,7 @@ def _build_processor(
 def _default_sae_layer(num_layers: int, sae: SparseAutoencoder | None) -> int:
     """The SAE's own `hook_layer` (SAELens metadata) when known, else the middle layer.
 
-    PAPER.md: the paper uses a middle layer (13 of Qwen2.5-VL-7B's 28, 16 of LLaVA's 32).
+    The paper (arXiv 2605.22658) uses a middle layer of the LLM.
     """
     if sae is not None:
         layer = sae.sae_metadata.get("hook_layer")

@@ -1,6 +1,6 @@
 """A tiny byte-level BPE tokenizer with Qwen2.5-VL's special-token layout, trained locally.
 
-The embedded default (ARCHITECTURE.md, "The embedded default") cannot download the Qwen
+The embedded default works offline: it cannot download the Qwen
 tokenizer, so it trains a small byte-level BPE on the synthetic world's text and wraps it in
 `transformers.Qwen2TokenizerFast`. The pre-tokenizer, normaliser and decoder are Qwen2's, so
 the tiny tokenizer behaves like the real one, only with a much smaller vocabulary.
@@ -22,7 +22,7 @@ Token layout (ids are fixed; `SegCompassConfig.tiny()` relies on them):
 
 `<think>`, `</think>` and `<REF_POS>` are added tokens that are never split, but they are *not*
 flagged special: TRL decodes completions with `skip_special_tokens=True` before calling the
-reward functions, and the format reward (PAPER.md, "Training") must still see them.
+reward functions, and the format reward (arXiv 2605.22658, training) must still see them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Evaluation metrics for reasoning / referring segmentation: gIoU, cIoU, N-acc, T-acc.
 
-Definitions (PAPER.md "Metric definitions", DATA_FORMATS.md section 5):
+Definitions (the field's convention, from LISA's and ReLA's evaluation code):
 
 - A sample is one (image, query) pair. Its IoU is computed on binary masks; ground-truth
   pixels equal to ``ignore_index`` (255, ReasonSeg's "ignore" label) are excluded from both

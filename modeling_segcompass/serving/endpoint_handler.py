@@ -1,6 +1,6 @@
 """Custom handler for Hugging Face Inference Endpoints (exported as ``handler.py``).
 
-The Hub's serverless widget does not run custom-code models (PLATFORM.md, "Hub"); an
+The Hub's serverless widget does not run custom-code models; an
 Inference Endpoint does, with this file at the repository root. The endpoint builds
 ``EndpointHandler(path)`` once and calls it per request with the JSON payload.
 

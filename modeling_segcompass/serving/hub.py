@@ -1,7 +1,7 @@
 """Hub export: one call writes a complete, self-contained model folder; `push_to_hub` uploads it.
 
-The folder holds everything a user without this package needs (PLATFORM.md, "Remote code"
-and "Hub"):
+The folder holds everything a user without this package needs (remote code,
+pipeline, Space and endpoint files):
 
 * ``model.safetensors`` + ``config.json`` (with ``auto_map`` and ``custom_pipelines``) and
   the remote-code modeling files, so `AutoModel.from_pretrained(..., trust_remote_code=True)`
@@ -386,7 +386,7 @@ Every mask can be traced back through the model. `concept_trace` lists, for each
 SAE concepts (latent ids) it drew on most, with the weight the codebook gave them and the
 tokens (image patches, instruction or reasoning words) on which they fired. The heatmap of a
 slot (`return_heatmaps=True`) shows where it pointed before SAM refined the mask. With the
-`modeling_segcompass` package, `interpret.ablate_concepts` removes concepts with everything
+`modeling_segcompass` package, `interpret.ablation.ablate_concepts` removes concepts with everything
 else frozen and measures how the mask changes.
 
 ## Serving
