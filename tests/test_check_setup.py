@@ -84,7 +84,7 @@ def test_every_step_is_run_timed_and_tabulated(script, tiny_run):
     assert list(rows) == expected
     for cells in rows.values():
         seconds, peak = float(cells[0]), cells[1]
-        assert seconds > 0 and peak.endswith("GiB")
+        assert seconds >= 0 and peak.endswith("GiB")  # printed to 0.01 s: a fast step shows 0.00
     assert "| step | seconds | peak RSS | RSS after | RSS change |" in tiny_run["stdout"]
     assert "result: OK" in tiny_run["stdout"]
 

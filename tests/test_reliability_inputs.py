@@ -86,12 +86,12 @@ def test_8000_pixel_image_is_resized_first_and_matches_a_small_copy(setup):
 
 def test_huge_images_are_resized_in_bands_with_identical_numbers(setup, monkeypatch):
     # the banded path (no full-size float copy) gives exactly the one-shot numbers
-    from modeling_segcompass import processing_segcompass
+    from modeling_segcompass import sam_frame
 
     _, processor = setup
     rgb = image(300, 250, seed=9)
     one_shot = processor.prepare_sam_image(rgb).pixel_values
-    monkeypatch.setattr(processing_segcompass, "_LARGE_IMAGE_PIXELS", 1000)  # bands of 4 rows
+    monkeypatch.setattr(sam_frame, "_LARGE_IMAGE_PIXELS", 1000)  # bands of 4 rows
     banded = processor.prepare_sam_image(rgb)
     assert banded.reshaped_size == (64, 53)
     assert torch.equal(banded.pixel_values, one_shot)
