@@ -70,6 +70,7 @@ def tiny_run(script, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_every_step_is_run_timed_and_tabulated(script, tiny_run):
     assert tiny_run["code"] == 0, tiny_run["stderr"] + tiny_run["stdout"][-3000:]
     report = tiny_run["report"]
@@ -187,6 +188,7 @@ def test_real_size_tokenizer_puts_qwen_added_tokens_at_their_ids(script):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "user\nthe knife"
 
 
+@pytest.mark.slow
 def test_a_reload_that_differs_fails_the_check(script, tmp_path, monkeypatch):
     """The reload check can fail: perturb one weight of the reloaded model."""
     model_class = script.SegCompassForReasoningSegmentation

@@ -118,6 +118,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sft_and_grpo_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     env = dict(os.environ)
     env.update(

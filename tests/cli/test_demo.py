@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from modeling_segcompass.demo.run import run_demo
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path):
     summary = run_demo(tmp_path / "demo", minutes=2, quick=True, seed=0)
     expected_stages = {
@@ -69,6 +72,7 @@ def test_time_schedule_warms_up_by_steps_then_decays_on_wall_time(monkeypatch):
     assert logs["learning_rate"] == 0.1
 
 
+@pytest.mark.slow
 def test_reload_step_takes_a_relative_output_folder_from_another_working_directory(
     tmp_path, monkeypatch
 ):

@@ -210,6 +210,7 @@ FRESH_PROCESS = (
 )
 
 
+@pytest.mark.slow
 def test_export_works_in_a_fresh_process_without_the_package(exported, pipe):
     folder = exported.folder
     probe = np.random.default_rng(3).integers(0, 256, (20, 28, 3), dtype=np.uint8)

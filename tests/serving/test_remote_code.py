@@ -51,6 +51,7 @@ SCRIPT = HIDE_PACKAGE + textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_saved_folder_carries_remote_code_and_loads_without_the_package(tmp_path):
     model = build_tiny_model()
     model.save_pretrained(tmp_path)
