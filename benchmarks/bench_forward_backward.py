@@ -111,7 +111,7 @@ def proportional_config(size: ProportionalSize) -> SegCompassConfig:
         vocab_size=size.vocab,
         vlm_config=vlm_config,
         image_encoder_type="none",
-        sae_layer=(size.layers - 1) // 2,  # 13 of 28 at 7B: a middle layer
+        sae_layer=(size.layers - 1) // 2,  # a middle layer
         d_sae=size.sae_ratio * size.hidden,
         sae_k=size.sae_k,
         sae_reconstruction_weight=0.0,

@@ -20,11 +20,13 @@ SPECIAL_TOKEN_FIELDS: dict[str, str] = {
 IMAGE_ENCODERS = ("sam", "conv", "none")
 
 # Published backbone settings used by `SegCompassConfig.paper` (arXiv 2605.22658, the model).
-# name -> (vlm model_type, sae_layer)
+# name -> (vlm model_type, sae_layer). The authors' code feeds the SAE `hidden_states[13]`
+# (Qwen2.5-VL-7B) / `hidden_states[16]` (LLaVA); entry 0 is the embedding output, so these are
+# the outputs of decoder layers 12 / 15, which is what `sae_layer` names.
 PAPER_BACKBONES: dict[str, tuple[str, int]] = {
-    "qwen2.5-vl-7b": ("qwen2_5_vl", 13),
-    "llava-1.5-7b": ("llava", 16),
-    "llava-1.5-13b": ("llava", 16),
+    "qwen2.5-vl-7b": ("qwen2_5_vl", 12),
+    "llava-1.5-7b": ("llava", 15),
+    "llava-1.5-13b": ("llava", 15),
 }
 
 
@@ -48,7 +50,8 @@ class SegCompassConfig(PreTrainedConfig):
         conv_encoder_width (`int`): width of the convolutional image encoder.
         sae_layer (`int`):
             Index of the language-model decoder layer whose *output* (residual stream after
-            the block, SAELens `blocks.{L}.hook_resid_post`) feeds the SAE.
+            the block, SAELens `blocks.{L}.hook_resid_post`, `hidden_states[L + 1]`) feeds the
+            SAE; 12 reads the `hidden_states[13]` of Qwen2.5-VL-7B that the paper uses.
         d_sae (`int`): number of SAE latents (65536 in the paper).
         sae_architecture (`str`): `"topk"` (default here), `"relu"` (reference) or `"jumprelu"`.
         sae_k (`int`): active latents per token for `"topk"` (64, as measured in
@@ -112,7 +115,7 @@ class SegCompassConfig(PreTrainedConfig):
     image_encoder_type: str = "sam"
     conv_encoder_width: int = 48
     # SAE
-    sae_layer: int = 13
+    sae_layer: int = 12
     d_sae: int = 65536
     sae_architecture: str = "topk"
     sae_k: int = 64

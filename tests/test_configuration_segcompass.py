@@ -19,7 +19,7 @@ def test_tiny_preset_dimensions():
 
 @pytest.mark.parametrize(
     "vlm, hidden, layer",
-    [("qwen2.5-vl-7b", 3584, 13), ("llava-1.5-7b", 4096, 16), ("llava-1.5-13b", 5120, 16)],
+    [("qwen2.5-vl-7b", 3584, 12), ("llava-1.5-7b", 4096, 15), ("llava-1.5-13b", 5120, 15)],
 )
 def test_paper_preset_has_published_dimensions(vlm, hidden, layer):
     config = SegCompassConfig.paper(vlm, num_slots=4)
@@ -73,3 +73,4 @@ def test_validation_names_field_allowed_and_given(overrides, field):
 def test_unknown_paper_backbone():
     with pytest.raises(ValueError, match="qwen2.5-vl-7b"):
         SegCompassConfig.paper("gpt-9")
+
