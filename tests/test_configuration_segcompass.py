@@ -73,4 +73,3 @@ def test_validation_names_field_allowed_and_given(overrides, field):
 def test_unknown_paper_backbone():
     with pytest.raises(ValueError, match="qwen2.5-vl-7b"):
         SegCompassConfig.paper("gpt-9")
-
