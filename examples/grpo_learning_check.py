@@ -9,8 +9,8 @@ synthetic world -> tiny tokenizer -> tiny model -> VLM pretraining on image desc
 * **GRPO**: `SegCompassGRPOTrainer` (reward 0.3 format + 0.7 mask) for ``--grpo_steps``
   steps, with the segmentation loss (weight 1) only on the completions that beat their
   group's mean reward and the confidence loss (0.2) on all of them
-  (``--mask_loss_completions above_group_mean``, run J+). On every
-  completion (``all``, the paper's recipe) it lowered the held-out reward here: the tiny VLM's
+  (``--mask_loss_completions above_group_mean``). On every completion (``all``, the
+  paper's recipe) it lowered the held-out reward here (docs/grpo.md): the tiny VLM's
   completions mostly name the wrong object, and the loss then teaches the mask path to
   disregard the text; ``--seg_loss_weight 0 --conf_loss_weight 0`` is policy-only GRPO;
 * **control**: supervised training continued (fresh AdamW, constant ``--control_lr``) for the
