@@ -299,12 +299,17 @@ def segment(
         reason = grounding_problem(answer, cfg.num_slots)
         if not strict_format and answer.num_ref > 0:
             reason = None  # permissive: ground the last K <REF_POS> whatever the format
+        grounded = conf[out.ref_mask[b]]  # (k,) slots that have a <REF_POS> token, k may be 0
+        if reason is None and grounded.numel() == 0:
+            # the answer parser and the forward both find <REF_POS> by id, so this only
+            # guards the message below: never take the max of an empty selection
+            reason = "no <REF_POS> token reached the forward, so no slot is grounded"
         if reason is not None:
             kept = torch.zeros_like(kept)
         elif not kept.any():
             reason = (
                 f"no slot reached the confidence threshold {conf_threshold} (highest "
-                f"confidence logit {float(conf[out.ref_mask[b]].max()):.3f}): the model "
+                f"confidence logit {float(grounded.max()):.3f}): the model "
                 "answers that there is no such object"
             )
         slot_idx = kept.nonzero(as_tuple=True)[0]

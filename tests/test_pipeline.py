@@ -154,3 +154,27 @@ def test_concept_trace_names_tokens(parts):
     assert last["id"] == length - 1 and first["id"] == 0
     assert last["tokens"][0]["token"] == tokenizer.decode([ids[-1]])
     assert first["tokens"][0]["token_id"] == ids[0]
+
+
+def test_ref_spelled_with_ordinary_tokens_gives_no_mask_through_the_pipeline(pipe, parts):
+    tokenizer = parts[1].tokenizer
+    spelled = [
+        i for ch in "<REF_POS>" for i in tokenizer(ch, add_special_tokens=False)["input_ids"]
+    ]
+    assert REF not in spelled and tokenizer.decode(spelled) == "<REF_POS>"
+
+    def allowed(batch_id, input_ids):  # <think> w </think>, then "<REF_POS>" spelled out
+        ids = input_ids.tolist()
+        turn = ids[len(ids) - ids[::-1].index(1) :]  # after the last <|im_start|>
+        if 7 not in turn:
+            return [7]
+        if 8 not in turn:
+            return [20] if turn[-1] == 7 else [8]
+        written = len(turn) - turn.index(8) - 1
+        return [spelled[written]] if written < len(spelled) else [2]
+
+    for strict in (True, False):
+        out = pipe(image(), "the red circle", max_new_tokens=16, confidence_threshold=-1e9,
+                   strict_format=strict, generation_kwargs={"prefix_allowed_tokens_fn": allowed})  # fmt: skip
+        assert out["text"].endswith("</think><REF_POS>"), out["text"]
+        assert out["masks"] == [] and out["reason"].startswith("no <REF_POS> token")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+from modeling_segcompass.answer_format import AnswerTokenIds, format_score, parse_answer_ids
 from tests.helpers import IM_END, REF, THINK, THINK_END, build_tiny_tokenizer_and_processor
 
 
@@ -102,3 +103,30 @@ def test_errors(setup):
         model.segment(image(8, 8), "x")
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.segment(image(8, 8), "x", processor, max_new_tokens=0)
+
+
+def spelled_ref_ids(tokenizer) -> list[int]:
+    """Ordinary tokens that decode to the text "<REF_POS>" (one per character)."""
+    ids = [i for ch in "<REF_POS>" for i in tokenizer(ch, add_special_tokens=False)["input_ids"]]
+    assert REF not in ids and tokenizer.decode(ids) == "<REF_POS>"
+    return ids
+
+
+@pytest.mark.parametrize("strict_format", [True, False])
+def test_ref_spelled_with_ordinary_tokens_is_no_ref_and_never_raises(setup, strict_format):
+    # The text reads "<think>...</think><REF_POS>", but no token is the <REF_POS> id: no slot
+    # is grounded, in strict and in permissive mode, and segment returns a reason.
+    model, processor = setup
+    sequence = [THINK, 20, THINK_END, *spelled_ref_ids(processor.tokenizer), IM_END]
+    (result,) = model.segment(
+        image(40, 56), "the red circle", processor, max_new_tokens=len(sequence) + 1,
+        confidence_threshold=-1e9, strict_format=strict_format,
+        generation_kwargs={"prefix_allowed_tokens_fn": forced(sequence)},
+    )  # fmt: skip
+    assert result.input_ids.tolist()[-len(sequence) :] == sequence
+    assert result.text.endswith("<REF_POS>")  # the text spells it ...
+    assert result.masks.shape == (0, 40, 56) and result.slot_indices.numel() == 0
+    assert result.reason.startswith("no <REF_POS> token in the completion")  # ... the ids do not
+    decode = processor.tokenizer.decode
+    answer = parse_answer_ids(sequence[:-1], AnswerTokenIds.from_config(model.config), decode)
+    assert answer.num_ref == 0 and format_score(answer, num_ref=1) == 0.0
