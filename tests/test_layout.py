@@ -120,23 +120,43 @@ def carried_files() -> list[Path]:
     return sorted(p for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
 
 
-@pytest.mark.parametrize("path", carried_files(), ids=lambda p: p.name)
-def test_carried_files_import_only_torch_transformers_stdlib_and_siblings(path):
-    siblings = {p.stem for p in carried_files()}
+def foreign_imports(path: Path, siblings: set[str]) -> list[str]:
+    """What `path` imports besides torch, transformers, numpy, PIL, safetensors, the standard
+    library and the flat `siblings` (optional imports in a try / except ImportError aside)."""
     bad = []
     for node in runtime_imports(ast.parse(path.read_text(encoding="utf-8")), optional=False):
         if isinstance(node, ast.Import):
             roots = [alias.name.split(".")[0] for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
+        else:
             if node.level:
                 if node.level != 1 or (node.module or "").split(".")[0] not in siblings:
                     bad.append(f"from {'.' * node.level}{node.module or ''} import ...")
                 continue
             roots = [(node.module or "").split(".")[0]]
-        for root in roots:
-            if root not in ALLOWED_THIRD_PARTY | set(sys.stdlib_module_names):
-                bad.append(root)
-    assert not bad, f"{path.name} imports {bad}"
+        bad += [r for r in roots if r not in ALLOWED_THIRD_PARTY | set(sys.stdlib_module_names)]
+    return bad
+
+
+@pytest.mark.parametrize("path", carried_files(), ids=lambda p: p.name)
+def test_carried_files_import_only_torch_transformers_stdlib_and_siblings(path):
+    siblings = {p.stem for p in carried_files()}
+    assert not foreign_imports(path, siblings), (
+        f"{path.name} imports {foreign_imports(path, siblings)}"
+    )
+
+
+def test_what_a_saved_model_and_processor_carry_imports_only_what_is_allowed(tmp_path):
+    from tests.helpers import build_tiny_model, build_tiny_tokenizer_and_processor
+
+    build_tiny_model().save_pretrained(tmp_path)
+    build_tiny_tokenizer_and_processor()[1].save_pretrained(tmp_path)
+    carried = sorted(tmp_path.glob("*.py"))
+    names = {p.stem for p in carried}
+    assert {"modeling_segcompass", "processing_segcompass", "sam_frame"} <= names
+    for path in carried:
+        assert not foreign_imports(path, names), (
+            f"{path.name} imports {foreign_imports(path, names)}"
+        )
 
 
 def test_the_rules_above_can_fail(tmp_path):
@@ -156,3 +176,13 @@ def test_the_rules_above_can_fail(tmp_path):
         "TYPE_CHECKING",
         "f",
     ]
+
+
+def test_foreign_imports_are_found(tmp_path):
+    path = tmp_path / "carried.py"
+    path.write_text(
+        "import torch\nfrom .sibling import x\nfrom ..room import y\n"
+        "def f():\n    import modeling_segcompass.assembly\n"
+        "try:\n    import scipy\nexcept ImportError:\n    scipy = None\n"
+    )
+    assert foreign_imports(path, {"sibling"}) == ["from ..room import ...", "modeling_segcompass"]
