@@ -10,7 +10,9 @@ What one call does (arXiv 2605.22658, the model's data flow):
    tokenizer's chat template around one image placeholder; the placeholder is expanded to
    the image's token count ``grid_t * grid_h * grid_w // merge_size**2`` exactly as
    Qwen2.5-VL's own processor does.
-2. The image goes twice through preprocessing: the Qwen2-VL image processor (patches for
+2. The image becomes (H, W, 3) uint8 RGB (`sam_frame.to_rgb_uint8`; a PIL image is turned
+   upright by its EXIF orientation, so masks line up with the image as a viewer shows it),
+   then goes twice through preprocessing: the Qwen2-VL image processor (patches for
    the VLM) and SAM's "resize longest side, normalise, pad bottom/right" recipe
    (`sam_pixel_values`, `sam_frame.py`), done in torch so that torchvision is not needed.
 3. Optional responses are appended for training (labels = -100 on the prompt and padding);
@@ -328,7 +330,8 @@ class SegCompassProcessor(ProcessorMixin):
         """Prepare a batch.
 
         Args:
-            images: one image or a list (PIL of any mode, numpy HW/HWC, torch CHW/HWC).
+            images: one image or a list (PIL of any mode, its EXIF orientation applied;
+                numpy HW/HWC, torch CHW/HWC, taken as upright).
             instructions: one instruction per image; the prompt is built with `build_prompt`.
             responses: optional target completions (``<think> ... </think> <REF_POS>``);
                 the sequence becomes prompt + response + `<|im_end|>`.

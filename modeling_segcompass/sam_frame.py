@@ -3,7 +3,8 @@
 SAM's recipe (resize the longest side to S, normalise, zero-pad bottom/right to S x S) done in
 torch, so that torchvision is not needed; ground-truth masks take the same geometry down to
 the mask grid M; `post_process_masks` inverts it for predicted mask logits. Images of any
-form (PIL of any mode, numpy, tensors) become (H, W, 3) uint8 first (`to_rgb_uint8`).
+form (PIL of any mode, numpy, tensors) become (H, W, 3) uint8 first (`to_rgb_uint8`); a PIL
+image's EXIF orientation is applied there, once for every entry point (`upright`).
 
 Remote-code file: imports only the standard library, numpy and torch (PIL inside ``try``).
 """
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 
 try:  # optional: only needed to accept PIL images
     from PIL import Image as PILImage
+    from PIL import ImageOps
 except ImportError:  # pragma: no cover - PIL ships with almost every transformers install
-    PILImage = None
+    PILImage = ImageOps = None
 
 #: SAM's normalisation constants, on the 0-255 scale (segment-anything's `Sam.pixel_mean/std`).
 SAM_PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -97,12 +99,31 @@ def _array_to_rgb_uint8(array: np.ndarray, name: str, channels_first: bool) -> n
     return np.ascontiguousarray(array)
 
 
+#: The EXIF tag that says how a camera held the picture (1 = upright).
+_EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Any) -> Any:
+    """A PIL image turned as a viewer shows it: its EXIF orientation applied (a copy), or the
+    image itself when it has none.
+
+    Phones store the sensor's pixels and an orientation tag; every viewer (and transformers'
+    `load_image`, and OpenCV's `imread`) applies the tag, so the pixels a person sees and
+    draws masks on are the upright ones. The tag is dropped from the copy, so applying this
+    twice turns the image once.
+    """
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def _pil_to_rgb_uint8(image: Any, name: str) -> np.ndarray:
-    """Convert a PIL image of any mode to (H, W, 3) uint8."""
+    """Convert a PIL image of any mode to (H, W, 3) uint8, upright (EXIF orientation applied)."""
     if image.width == 0 or image.height == 0:
         raise ValueError(
             f"Expected {name} to have a non-zero size, got {image.width}x{image.height}."
         )
+    image = upright(image)
     mode = image.mode
     if mode == "RGB":
         return np.asarray(image, dtype=np.uint8).copy()
@@ -121,7 +142,8 @@ def _pil_to_rgb_uint8(image: Any, name: str) -> np.ndarray:
 def to_rgb_uint8(image: Any, name: str = "image") -> np.ndarray:
     """Convert one image to a (H, W, 3) uint8 RGB array, or refuse it clearly.
 
-    Accepted: PIL images of any mode (transparency composited over white), numpy arrays
+    Accepted: PIL images of any mode (transparency composited over white; an EXIF
+    orientation tag is applied, so the pixels are those a viewer shows), numpy arrays
     HW / HWC (uint8, 16-bit integers, bool, or float in [0, 1]) and torch tensors CHW / HWC
     (a 3-D tensor is read as CHW when its first dimension is 1..4, else as HWC).
     """

@@ -178,3 +178,37 @@ def test_ref_spelled_with_ordinary_tokens_gives_no_mask_through_the_pipeline(pip
                    strict_format=strict, generation_kwargs={"prefix_allowed_tokens_fn": allowed})  # fmt: skip
         assert out["text"].endswith("</think><REF_POS>"), out["text"]
         assert out["masks"] == [] and out["reason"].startswith("no <REF_POS> token")
+
+
+def test_exif_orientation_gives_the_same_upright_masks_through_every_entry_point(
+    pipe, parts, tmp_path
+):
+    import base64
+
+    from PIL import Image
+
+    from modeling_segcompass.serving.endpoint_handler import EndpointHandler, rle_to_mask
+
+    model, processor = parts
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone held upright: the viewer turns the stored pixels clockwise
+    path = tmp_path / "phone.png"
+    Image.fromarray(image(48, 80)).save(path, exif=exif.tobytes())
+    kwargs = {"max_new_tokens": 7, "generation_kwargs": FORCE_REFS, "confidence_threshold": -1e9}
+    upright = np.ascontiguousarray(np.rot90(image(48, 80), k=-1))  # (80, 48), as shown
+    expected = pipe(upright, "the red circle", **kwargs)["masks"]
+    assert expected[0].shape == (80, 48)
+    with Image.open(path) as photo:
+        (direct,) = model.segment([photo], ["the red circle"], processor=processor, **kwargs)
+        from_pil = pipe(photo, "the red circle", **kwargs)["masks"]
+    from_path = pipe(str(path), "the red circle", **kwargs)["masks"]
+    payload = {
+        "image": base64.b64encode(path.read_bytes()).decode(),
+        "instruction": "the red circle",
+    }
+    endpoint = EndpointHandler(pipe=pipeline(TASK, model=model, processor=processor, **kwargs))
+    from_endpoint = [rle_to_mask(m) for m in endpoint({"inputs": payload})["masks"]]
+    for masks in (list(direct.masks.numpy()), from_pil, from_path, from_endpoint):
+        assert len(masks) == len(expected)
+        for ours, theirs in zip(masks, expected):
+            np.testing.assert_array_equal(ours, theirs)

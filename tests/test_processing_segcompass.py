@@ -468,3 +468,43 @@ def test_from_vlm_processor_adds_missing_answer_tokens(tokenizer, tmp_path):
     assert built.image_processor.patch_size == 8
     again = SegCompassProcessor.from_vlm_processor(built, num_slots=2)
     assert again.tokenizer is built.tokenizer and again.num_slots == 2
+
+
+# --------------------------------------------------------------------------- EXIF orientation
+def phone_photo(rgb: np.ndarray, orientation: int) -> Image.Image:
+    """A PNG as a phone writes it: the sensor's pixels and an EXIF orientation tag."""
+    import io
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG", exif=exif.tobytes())
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "turn"),
+    [
+        (3, lambda a: a[::-1, ::-1]),  # upside down
+        (6, lambda a: np.rot90(a, k=-1)),  # held upright: turn 90 degrees clockwise
+        (8, lambda a: np.rot90(a, k=1)),  # turn 90 degrees counter-clockwise
+    ],
+)
+def test_exif_orientation_is_applied_once(processor, orientation, turn):
+    rgb = random_image(24, 40, seed=9)
+    photo = phone_photo(rgb, orientation)
+    viewed = np.ascontiguousarray(turn(rgb))  # what a viewer shows
+    out = processor(photo, "the red circle")
+    assert out["original_sizes"].tolist() == [list(viewed.shape[:2])]
+    reference = processor(viewed, "the red circle")
+    assert torch.equal(out["sam_pixel_values"], reference["sam_pixel_values"])
+    assert torch.equal(out["pixel_values"], reference["pixel_values"])
+    # an image already turned (transformers' load_image does so) is not turned again
+    from PIL import ImageOps
+
+    again = processor(ImageOps.exif_transpose(photo), "the red circle")
+    assert torch.equal(again["sam_pixel_values"], reference["sam_pixel_values"])
+    # ground-truth masks are given at the upright size
+    masks = np.zeros((1, *viewed.shape[:2]), np.uint8)
+    assert processor(photo, "x", masks=[masks])["gt_masks"].shape[1] == 1
