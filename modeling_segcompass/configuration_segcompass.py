@@ -5,6 +5,7 @@ This file travels with saved models (remote code): it imports only torch/transfo
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig, SamConfig
@@ -228,6 +229,8 @@ class SegCompassConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 fail(name, "a number", value)
+            if not math.isfinite(value):  # config.json may hold NaN / Infinity literals
+                fail(name, "a finite number", value)
         if not 1 <= self.sae_k <= self.d_sae:
             fail("sae_k", f"an integer in [1, d_sae={self.d_sae}]", self.sae_k)
         if self.codebook_dim % self.codebook_heads:

@@ -9,6 +9,10 @@ Two kinds of checks:
   device, so the forward runs them for CPU tensors (no wait there) and elsewhere only with
   ``config.check_input_values=True``. The processor writes inputs that pass them.
 
+The outputs are checked the same way: `check_forward_outputs` in the forward under the same
+rule, and `check_segment_results` on `segment`'s CPU results always. Non-finite outputs mean
+broken weights, and the error names the parameters that hold NaN or Inf.
+
 This file travels with saved models (remote code): it imports only torch.
 """
 
@@ -129,9 +133,11 @@ def check_forward_values(
     image_embeddings: torch.Tensor | None = None,
     gt_masks: torch.Tensor | None = None,
     num_objects: torch.Tensor | None = None,
+    pixel_values: Any = None,
 ) -> None:
     """Refuse out-of-vocabulary ids, non-finite pixels, non-binary masks and object counts
-    beyond the slots (reads values: call after `check_forward_inputs`)."""
+    beyond the slots (reads values: call after `check_forward_inputs`). `pixel_values` are
+    the VLM's image inputs, of whatever type its processor gives; only float tensors are read."""
     vocab = model.get_input_embeddings().num_embeddings
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab:
@@ -145,6 +151,15 @@ def check_forward_values(
     ):
         if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
             _fail(f"`{name}` contains NaN or Inf values; expected finite numbers.")
+    if (
+        isinstance(pixel_values, torch.Tensor)
+        and pixel_values.is_floating_point()
+        and not bool(torch.isfinite(pixel_values).all())
+    ):
+        _fail(
+            "`pixel_values` contains NaN or Inf values; expected finite numbers "
+            "(SegCompassProcessor refuses such images)."
+        )
     if gt_masks is not None and gt_masks.numel():
         if gt_masks.is_floating_point() and not torch.isfinite(gt_masks).all():
             _fail("`gt_masks` contains NaN or Inf values.")
@@ -168,6 +183,65 @@ def check_forward_values(
             )
 
 
+def non_finite_output_error(model: Any, what: str) -> ValueError:
+    """The error for non-finite model outputs, naming the parameters that hold NaN or Inf.
+
+    Reads every parameter, which is fine on this path: it only runs once something is wrong.
+    """
+    bad = [
+        name
+        for name, tensor in model.named_parameters()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        cause = (
+            f"{len(bad)} of the model's parameters hold NaN or Inf ({shown}): the checkpoint is "
+            "corrupted (garbled tensor bytes or NaN weights) or training diverged. Download or "
+            "save the checkpoint again, or load an earlier one."
+        )
+    else:
+        cause = (
+            "the parameters are finite, so the inputs or an overflow in "
+            f"{getattr(model, 'dtype', 'this precision')} produced them (try float32)."
+        )
+    return ValueError(
+        f"SegCompassForReasoningSegmentation: the model's {what} contain NaN or Inf, so every "
+        f"slot would look empty; {cause} Check the weights with "
+        "`any(not torch.isfinite(p).all() for p in model.parameters())`."
+    )
+
+
+def check_forward_outputs(
+    model: Any, mapped: Any, mask_logits: torch.Tensor, iou_scores: torch.Tensor
+) -> None:
+    """Refuse non-finite heatmaps, confidences, mask logits or IoU scores (reads values: the
+    forward calls it when `values_are_checked`). `mapped` is the `SlotMapperOutput`."""
+    for what, name, value in (
+        ("heatmaps", "heatmap_logits", mapped.heatmap_logits),
+        ("slot confidences", "conf_logits", mapped.conf_logits),
+        ("mask logits", "mask_logits", mask_logits),
+        ("IoU scores", "iou_scores", iou_scores),
+    ):
+        if not bool(torch.isfinite(value).all()):
+            raise non_finite_output_error(model, f"{what} (`{name}`)")
+
+
+def check_segment_results(model: Any, results: Any) -> None:
+    """Refuse `segment` results whose slot confidences or heatmaps are not finite.
+
+    The results are CPU tensors already, so this waits for no device: it is the check that
+    runs on accelerators, where the forward reads no values by default. A NaN confidence
+    fails every threshold, which would read as "there is no such object".
+    """
+    for result in results:
+        if not bool(torch.isfinite(result.conf_logits).all()):
+            raise non_finite_output_error(model, "slot confidences")
+        # sigmoid heatmaps lie in [0, 1]: their float32 sum is finite exactly when all are
+        if not bool(torch.isfinite(result.heatmaps.float().sum())):
+            raise non_finite_output_error(model, "heatmaps")
+
+
 def values_are_checked(model: Any, input_ids: torch.Tensor) -> bool:
     """Whether the forward reads input values: for CPU tensors, or when the config asks."""
     return input_ids.device.type == "cpu" or bool(
@@ -175,4 +249,11 @@ def values_are_checked(model: Any, input_ids: torch.Tensor) -> bool:
     )
 
 
-__all__ = ["check_forward_inputs", "check_forward_values", "values_are_checked"]
+__all__ = [
+    "check_forward_inputs",
+    "check_forward_outputs",
+    "check_forward_values",
+    "check_segment_results",
+    "non_finite_output_error",
+    "values_are_checked",
+]

@@ -31,7 +31,13 @@ from transformers.utils import ModelOutput
 from .answer_format import grounding_problem
 from .configuration_segcompass import SegCompassConfig
 from .conv_image_encoder import ConvImageEncoder
-from .input_checks import check_forward_inputs, check_forward_values, values_are_checked
+from .input_checks import (
+    check_forward_inputs,
+    check_forward_outputs,
+    check_forward_values,
+    check_segment_results,
+    values_are_checked,
+)
 from .loading import load_safely
 from .losses import (
     SegmentationLossOutput,
@@ -422,17 +428,9 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         )  # fmt: skip
         if values_are_checked(self, input_ids):
             check_forward_values(
-                self, input_ids, sam_pixel_values, image_embeddings, gt_masks, num_objects
-            )
-            if (
-                isinstance(pixel_values, torch.Tensor)
-                and pixel_values.is_floating_point()
-                and (not torch.isfinite(pixel_values).all())
-            ):
-                raise ValueError(
-                    "SegCompassForReasoningSegmentation.forward: `pixel_values` contains NaN or "
-                    "Inf values; expected finite numbers (SegCompassProcessor refuses such images)."
-                )
+                self, input_ids, sam_pixel_values, image_embeddings, gt_masks, num_objects,
+                pixel_values=pixel_values,
+            )  # fmt: skip
         if labels is not None and (
             not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape)
         ):
@@ -494,6 +492,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             image_embeddings = image_embeddings.to(floating_dtype(self.mask_decoder))
         mapped = self.slot_mapper(book.slots, ref_states, image_embeddings)
         mask_logits, iou_scores = self.decode_masks(mapped.heatmap_logits, image_embeddings)
+        if values_are_checked(self, input_ids):  # NaN / Inf outputs mean broken weights
+            check_forward_outputs(self, mapped, mask_logits, iou_scores)
 
         # 7. Losses.
         losses: dict[str, torch.Tensor] = {}
@@ -621,10 +621,12 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
 
         Returns one `SegmentationResult` per image; the arguments and the rules are
         `pipeline_segcompass.segment`'s, which does the work (the pipeline calls it too).
+        Raises `ValueError` naming the broken parameters when the confidences or heatmaps are
+        not finite (`input_checks.check_segment_results`).
         """
         from .pipeline_segcompass import segment
 
-        return segment(
+        results = segment(
             self,
             images,
             instructions,
@@ -636,6 +638,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             generation_kwargs=generation_kwargs,
             strict_format=strict_format,
         )
+        check_segment_results(self, results)
+        return results
 
     # ------------------------------------------------------------------ assembling
     @classmethod
@@ -671,17 +675,9 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
     # ------------------------------------------------------------------ safe loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained`, refusing what could run code or half-load.
-
-        * Weights come from safetensors only (``use_safetensors=True`` by default): a folder
-          holding only pickle checkpoints (``*.bin``, ``*.pt``) is refused with a message,
-          since unpickling a stranger's file can run code. Pass ``use_safetensors=False``
-          explicitly to accept a pickle you trust.
-        * A truncated or corrupted safetensors file raises `OSError` naming the checkpoint.
-        * A checkpoint that lacks some of the model's tensors raises `ValueError` instead of
-          returning a model with randomly initialised parts; pass
-          ``allow_missing_weights=True`` to accept that (e.g. a checkpoint of an older layout).
-        """
+        """`PreTrainedModel.from_pretrained`, refusing what could run code, half-load or load a
+        damaged folder (`loading.load_safely` lists the rules; ``allow_missing_weights=True``
+        accepts a checkpoint that lacks tensors, ``use_safetensors=False`` a trusted pickle)."""
         return load_safely(
             super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs
         )

@@ -6,18 +6,26 @@ section "Loading").
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from modeling_segcompass import SegCompassForReasoningSegmentation
+from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+from modeling_segcompass import modeling_segcompass as modeling
 from modeling_segcompass.sparse_autoencoder import SparseAutoencoder
-from tests.helpers import build_tiny_model
+from tests.helpers import (
+    build_tiny_model,
+    build_tiny_tokenizer_and_processor,
+    force_answer,
+    make_batch,
+)
 
 WEIGHTS = "model.safetensors"
 
@@ -171,3 +179,84 @@ def test_damaged_sae_folder_gives_a_clear_error(tmp_path):
     (tmp_path / "sae2" / "cfg.json").write_text("{broken")
     with pytest.raises(ValueError, match="cfg.json is not valid JSON"):
         SparseAutoencoder.load(tmp_path / "sae2")
+
+
+# --------------------------------------------------------------------------- non-finite weights
+def _garble_tensors(path: Path, prefix: str) -> list[str]:
+    """Overwrite the bytes of every tensor named `prefix...` in place (the header stays valid)."""
+    data = bytearray(path.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_size])
+    rng = np.random.default_rng(0)
+    names = []
+    for name, entry in header.items():
+        if name.startswith(prefix):
+            start, end = (8 + header_size + offset for offset in entry["data_offsets"])
+            data[start:end] = rng.bytes(end - start)
+            names.append(name)
+    path.write_bytes(bytes(data))
+    return names
+
+
+@pytest.fixture(scope="module")
+def segment_setup():
+    tokenizer, processor = build_tiny_tokenizer_and_processor(num_slots=3)
+    torch.manual_seed(0)
+    model = SegCompassForReasoningSegmentation(SegCompassConfig.tiny(vocab_size=len(tokenizer)))
+    return model.eval(), processor
+
+
+def _segment(model, processor):
+    image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    return model.segment(
+        image, "the red circle", processor, max_new_tokens=8,
+        generation_kwargs={"prefix_allowed_tokens_fn": force_answer(2)},
+    )  # fmt: skip
+
+
+def test_garbled_weights_are_named_instead_of_answering_no_object(segment_setup, tmp_path):
+    model, processor = segment_setup
+    model.save_pretrained(tmp_path)
+    garbled = _garble_tensors(tmp_path / WEIGHTS, "slot_mapper.")
+    broken = SegCompassForReasoningSegmentation.from_pretrained(tmp_path).eval()
+    with pytest.raises(ValueError, match="contain NaN or Inf") as info:
+        _segment(broken, processor)
+    message = str(info.value)
+    assert "slot_mapper." in message and "corrupted" in message
+    assert "torch.isfinite(p).all() for p in model.parameters()" in message
+    assert any(name in message for name in garbled)
+
+
+@pytest.mark.parametrize("forward_checks", [True, False], ids=["cpu-forward", "segment-only"])
+def test_nan_weights_are_refused_in_segment_and_forward(segment_setup, monkeypatch, forward_checks):
+    model, processor = segment_setup
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.slot_mapper.conf_head[2].weight.fill_(float("nan"))
+    if not forward_checks:  # as on an accelerator: forward reads no value, segment still checks
+        monkeypatch.setattr(modeling, "values_are_checked", lambda model, input_ids: False)
+    with pytest.raises(ValueError, match=r"confidences? .*contain NaN or Inf") as info:
+        _segment(broken, processor)
+    assert "slot_mapper.conf_head.2.weight" in str(info.value)
+    # the healthy model answers as before
+    assert _segment(model, processor)[0].conf_logits.isfinite().all()
+
+
+def test_forward_names_nan_weights_on_cpu(segment_setup):
+    model, _ = segment_setup
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.mask_decoder.iou_token.weight.fill_(float("inf"))
+    batch = make_batch(broken.config, [1])
+    with pytest.raises(ValueError, match="mask_decoder.iou_token.weight"):
+        broken(**batch)
+    model(**batch)  # the healthy one runs
+
+
+@pytest.mark.parametrize("field", ["mask_threshold", "slot_confidence_threshold"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_thresholds_in_config_json_are_refused(saved, tmp_path, field, value):
+    folder = copy_of(saved[0], tmp_path)
+    edit_config(folder, lambda c: c.update({field: value}))  # json writes NaN / Infinity
+    with pytest.raises(ValueError, match=rf"SegCompassConfig.{field}: expected a finite number"):
+        SegCompassForReasoningSegmentation.from_pretrained(folder)
