@@ -1,7 +1,9 @@
 """modeling_segcompass: SegCompass (arXiv 2605.22658) as a Hugging Face Transformers model package.
 
-The core classes import eagerly; trainer-side modules (trl, datasets, matplotlib) are
-imported on first use of their names so that `import modeling_segcompass` stays light.
+The core classes import eagerly and the ``reasoning-segmentation`` pipeline task is registered
+on import, so that ``pipeline("reasoning-segmentation", model=model, processor=processor)``
+works after ``import modeling_segcompass``; trainer-side modules (trl, datasets, matplotlib) are
+imported on first use of their names so that the import stays light.
 """
 
 from importlib import import_module
@@ -16,6 +18,7 @@ from .modeling_segcompass import (
     SegCompassOutput,
     SegCompassPreTrainedModel,
 )
+from .pipeline_segcompass import register_pipeline
 from .query_codebook import QueryCodebook
 from .slot_mapper import SlotMapper
 from .sparse_autoencoder import SparseAutoencoder
@@ -26,6 +29,7 @@ AutoConfig.register("segcompass", SegCompassConfig, exist_ok=True)
 AutoModel.register(SegCompassConfig, SegCompassForReasoningSegmentation, exist_ok=True)
 SegCompassConfig.register_for_auto_class()
 SegCompassForReasoningSegmentation.register_for_auto_class("AutoModel")
+register_pipeline()  # the task "reasoning-segmentation" (transformers is already imported)
 
 # name -> submodule (dotted, relative to this package) for names imported on first use
 _LAZY = {
