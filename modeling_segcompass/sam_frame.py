@@ -74,17 +74,20 @@ def _array_to_rgb_uint8(array: np.ndarray, name: str, channels_first: bool) -> n
         array = np.round(array.astype(np.float64) * 255.0).astype(np.uint8)
     elif array.dtype == np.uint8:
         pass
+    elif array.dtype.kind == "u" and array.dtype.itemsize == 2:
+        # 16-bit data, read from its type and never from its values: 65535 -> 255, and a
+        # pixel keeps its 8-bit value whatever the other pixels hold. (x + 128) // 257 is
+        # round(x / 257) (no tie: 257 is odd), in integers.
+        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
-        if low < 0 or high > 65535:
+        if low < 0 or high > 255:
             raise ValueError(
-                f"Expected integer {name} values in [0, 255] (8 bit) or [0, 65535] (16 bit), "
-                f"got [{low}, {high}]."
+                f"Expected {name} of dtype {array.dtype} to hold 8-bit values in [0, 255], got "
+                f"[{low}, {high}]. Only uint16 (numpy or torch) and PIL's integer modes "
+                "(I;16, I) are read as 16-bit; cast 16-bit data to uint16."
             )
-        if array.dtype.itemsize >= 2 and high > 255:  # 16-bit data: scale to 8 bit
-            array = np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
-        else:
-            array = array.astype(np.uint8)
+        array = array.astype(np.uint8)
     else:
         raise TypeError(
             f"Expected {name} to have an integer, bool or float dtype, got {array.dtype}."
@@ -130,12 +133,20 @@ def _pil_to_rgb_uint8(image: Any, name: str) -> np.ndarray:
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         rgba = np.asarray(image.convert("RGBA"), dtype=np.uint8)
         return _alpha_over_white(rgba[..., :3], rgba[..., 3])
-    if mode.startswith("I") or mode == "F":
-        # 16/32-bit integer or float greyscale: interpret like the equivalent numpy array
+    if mode.startswith("I"):
+        # Integer grey (I;16, I;16B, I;16L, I): 16-bit data, by the mode. Pillow's decoders
+        # give 16-bit grey files these modes (older Pillow opens a 16-bit PNG as I); an 8-bit
+        # grey image is mode L.
         array = np.asarray(image)
-        if mode.startswith("I;16") or (mode == "I" and array.max(initial=0) > 255):
-            array = array.astype(np.int64)
-        return _array_to_rgb_uint8(array, name, channels_first=False)
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"Expected {name} of PIL mode {mode} to hold 16-bit values in [0, 65535], got "
+                f"[{low}, {high}]. Give 8-bit grey as mode L, or scale the values."
+            )
+        return _array_to_rgb_uint8(array.astype(np.uint16), name, channels_first=False)
+    if mode == "F":  # float grey: values in [0, 1], like a float numpy array
+        return _array_to_rgb_uint8(np.asarray(image), name, channels_first=False)
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
@@ -144,7 +155,8 @@ def to_rgb_uint8(image: Any, name: str = "image") -> np.ndarray:
 
     Accepted: PIL images of any mode (transparency composited over white; an EXIF
     orientation tag is applied, so the pixels are those a viewer shows), numpy arrays
-    HW / HWC (uint8, 16-bit integers, bool, or float in [0, 1]) and torch tensors CHW / HWC
+    HW / HWC (uint8, bool, float in [0, 1], uint16 read as 16-bit whatever its values, other
+    integer types as 8-bit values in [0, 255]) and torch tensors CHW / HWC
     (a 3-D tensor is read as CHW when its first dimension is 1..4, else as HWC).
     """
     if PILImage is not None and isinstance(image, PILImage.Image):

@@ -318,3 +318,39 @@ def test_input_values_are_read_on_cpu_and_elsewhere_only_when_asked():
     assert not values_are_checked(model, on_device)
     model.config.check_input_values = True
     assert values_are_checked(model, on_device)
+
+
+# --------------------------------------------------------------------------- bit depth
+def _png16(values: np.ndarray) -> Image.Image:
+    """A 16-bit grey PNG holding `values`, as read back from disk."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buffer, "PNG")
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def test_16_bit_images_are_read_by_type_not_by_values(setup):
+    _, processor = setup
+    dark = np.zeros((8, 8), np.int64)
+    dark[0, 0] = 255  # every value <= 255: still 16-bit data, 255 / 257 -> 1
+    brighter = dark.copy()
+    brighter[7, 7] = 256  # one more pixel above 255 must not change how (0, 0) is read
+    for values in (dark, brighter):
+        expected = np.zeros((8, 8), np.uint8)
+        expected[0, 0], expected[7, 7] = 1, round(values[7, 7] / 257)  # 1 and 0 / 1
+        reference = processor(expected, "x")["sam_pixel_values"]
+        for kind, picture in {
+            "16-bit PNG": _png16(values),
+            "PIL I": Image.fromarray(values.astype(np.int32)),
+            "numpy uint16": values.astype(np.uint16),
+            "torch uint16": torch.from_numpy(values.astype(np.uint16)),
+        }.items():
+            assert processor(picture, "x")["sam_pixel_values"].equal(reference), kind
+    # other integer types hold 8-bit values: a value above 255 is refused, not guessed at
+    with pytest.raises(ValueError, match=r"images\[0\] of dtype int64 to hold 8-bit .*uint16"):
+        processor(brighter, "x")
+    assert processor(dark, "x")["sam_pixel_values"].equal(
+        processor(dark.astype(np.uint8), "x")["sam_pixel_values"]
+    )
