@@ -13,7 +13,7 @@ from .model_folder import load_model
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`segcompass export`: a Hub-ready folder (`hub.export`)."""
-    from ..serving.hub import export
+    from ..serving.hub import export, upload_command
 
     output = Path(args.output)
     check_output_dir(output, overwrite=args.overwrite)
@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     print(f"exported {len(result.files)} files to {result.folder} (repo id {repo_id}):")
     print("  " + ", ".join(result.files))
-    print(f"push with: huggingface-cli upload {repo_id} {result.folder}")
+    print(f"push with: {upload_command(result.folder, repo_id)}")
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -505,6 +506,16 @@ def export(
     return ExportResult(folder=folder, files=files, card=card)
 
 
+def upload_command(folder: str | os.PathLike, repo_id: str) -> str:
+    """The shell command that uploads an `export` folder to ``repo_id`` with the Hub's CLI.
+
+    ``hf upload REPO_ID FOLDER`` (the ``hf`` command of huggingface_hub >= 1.0, which creates
+    the repo when needed and puts the folder's files at its root), quoted for a POSIX shell.
+    `push_to_hub` does the same from Python.
+    """
+    return f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(folder))}"
+
+
 def push_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -548,5 +559,6 @@ __all__ = [
     "export",
     "extract_python_blocks",
     "push_to_hub",
+    "upload_command",
     "usage_snippet",
 ]
