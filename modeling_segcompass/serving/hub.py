@@ -9,8 +9,8 @@ pipeline, Space and endpoint files):
 * the processor (``processor_config.json``, tokenizer, image processor, and
   ``processing_segcompass.py``) registered for `AutoProcessor`;
 * ``pipeline_segcompass.py`` (the `ReasoningSegmentationPipeline`);
-* ``README.md``: the model card (metadata, usage that runs, training recipe, evaluation,
-  limitations, interpretability, citation);
+* ``README.md``: the model card (`serving.model_card`: metadata, usage that runs, training
+  recipe, evaluation, limitations, interpretability, citation);
 * ``handler.py`` (Inference Endpoints), ``app.py`` (a Gradio Space) and ``requirements.txt``:
   the Hub widget cannot run custom code, so these are the ways to serve it.
 
@@ -24,14 +24,24 @@ import os
 import re
 import shlex
 import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard
 
 from ..pipeline_segcompass import TASK, ReasoningSegmentationPipeline, register_pipeline
+from .model_card import (
+    CARD_TAGS,
+    CITATION,
+    DEFAULT_INSTRUCTION,
+    EvaluationReport,
+    build_model_card,
+    extract_python_blocks,
+    lower_level_snippet,
+    usage_snippet,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +51,6 @@ SERVING_DIR = Path(__file__).resolve().parent
 SERVING_FILES = {"app.py": "space_app.py", "handler.py": "endpoint_handler.py"}
 #: What the endpoint / Space installs (``requirements.txt``); gradio comes with the Space SDK.
 REQUIREMENTS = ("torch", "transformers>=5.0", "numpy", "pillow")
-CARD_TAGS = (
-    "custom_code",
-    "reasoning-segmentation",
-    "segcompass",
-    "sparse-autoencoder",
-    "interpretability",
-    "image-segmentation",
-)
-DEFAULT_INSTRUCTION = "the red square"
-CITATION = """@inproceedings{segcompass2026,
-  title     = {SegCompass: Exploring Interpretable Alignment with Sparse Autoencoders for
-               Enhanced Reasoning Segmentation},
-  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern
-               Recognition (CVPR)},
-  year      = {2026},
-  note      = {arXiv:2605.22658}
-}"""
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _REQUIRED_FILES = (
     "config.json",
@@ -68,64 +61,6 @@ _REQUIRED_FILES = (
     "processing_segcompass.py",
     "pipeline_segcompass.py",
 )
-
-
-@dataclass
-class EvaluationReport:
-    """Evaluation numbers for the card, normalised from a dict or a `MetricsResult`.
-
-    Attributes:
-        overall: metric name -> value (fractions in [0, 1], e.g. ``{"gIoU": 0.61}``).
-        per_group: group (query family / split) -> metric name -> value.
-        dataset_name, dataset_type, split: what the numbers were measured on.
-    """
-
-    overall: dict[str, float]
-    per_group: dict[str, dict[str, float]] = field(default_factory=dict)
-    dataset_name: str = "evaluation set"
-    dataset_type: str = "custom"
-    split: str | None = None
-
-    @staticmethod
-    def _metrics(values: Mapping[str, Any]) -> dict[str, float]:
-        # metrics are floats; ints are sample counts, None means undefined (e.g. no no-target)
-        return {
-            str(k): float(v)
-            for k, v in values.items()
-            if isinstance(v, float) and not isinstance(v, bool)
-        }
-
-    @classmethod
-    def from_any(
-        cls,
-        evaluation: Any,
-        *,
-        dataset_name: str = "evaluation set",
-        dataset_type: str = "custom",
-        split: str | None = None,
-    ) -> EvaluationReport:
-        """Accept ``{"gIoU": .., "cIoU": ..}``, ``{"overall": {...}, "per_family": {...}}``
-        (`MetricsResult.to_dict()`) or a `MetricsResult`."""
-        if isinstance(evaluation, EvaluationReport):
-            return evaluation
-        if hasattr(evaluation, "to_dict"):
-            evaluation = evaluation.to_dict()
-        if not isinstance(evaluation, Mapping):
-            raise TypeError(
-                "Expected evaluation as a dict of metric values, a MetricsResult or its "
-                f"to_dict(), got {type(evaluation).__name__}."
-            )
-        if "overall" in evaluation:
-            overall = cls._metrics(evaluation["overall"])
-            groups = evaluation.get("per_family") or {}
-            per_group = {str(name): cls._metrics(values) for name, values in groups.items()}
-        else:
-            overall, per_group = cls._metrics(evaluation), {}
-        if not overall:
-            raise ValueError(
-                f"The evaluation holds no metric value (float); got keys {sorted(evaluation)}."
-            )
-        return cls(overall, per_group, dataset_name, dataset_type, split)
 
 
 @dataclass
@@ -141,282 +76,6 @@ class ExportResult:
     folder: Path
     files: list[str]
     card: ModelCard
-
-
-# --------------------------------------------------------------------------- the card
-def usage_snippet(repo_id: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """Python that loads the model from ``repo_id`` and segments a generated image.
-
-    It runs as written (the image is drawn in code); the card test executes it.
-    """
-    return f'''from PIL import Image
-from transformers import pipeline
-
-pipe = pipeline(model="{repo_id}", trust_remote_code=True)
-
-# any RGB image works; this one is drawn here so the snippet runs as is
-image = Image.new("RGB", (64, 64), "white")
-image.paste((220, 30, 30), (16, 16, 40, 40))
-
-out = pipe(image, "{instruction}", max_new_tokens=48)
-print(out["text"])  # "<think> ... </think> <REF_POS>"
-print(out["scores"], [mask.shape for mask in out["masks"]])  # bool masks at the image size
-print(out["reason"])  # why there is no mask, if there is none
-for slot in out["concept_trace"]:  # which SAE concepts each slot used, and where they fired
-    print(slot["slot"], slot["kept"], [(c["id"], c["tokens"][0]["token"]) for c in slot["concepts"][:3]])'''
-
-
-def lower_level_snippet(repo_id: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """Python using `AutoModel` / `AutoProcessor` and `model.segment` directly."""
-    return f'''from PIL import Image
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
-
-image = Image.new("RGB", (64, 64), "white")
-image.paste((220, 30, 30), (16, 16, 40, 40))
-result = model.segment([image], ["{instruction}"], processor=processor, max_new_tokens=48)[0]
-print(result.text, result.masks.shape, result.scores)'''
-
-
-def _format_number(value: float) -> str:
-    return f"{100.0 * value:.2f}"
-
-
-def _evaluation_section(report: EvaluationReport | None) -> str:
-    if report is None:
-        return (
-            "## Evaluation\n\nNo evaluation numbers were given when this card was written; "
-            "evaluate with `modeling_segcompass.evaluation.metrics` before relying on the model.\n"
-        )
-    names = list(report.overall)
-    for metrics in report.per_group.values():
-        names += [n for n in metrics if n not in names]
-    lines = [
-        "## Evaluation",
-        "",
-        f"Measured on **{report.dataset_name}**"
-        + (f" (split `{report.split}`)" if report.split else "")
-        + ", in percent. gIoU is the mean per-sample IoU, cIoU the summed intersection over "
-        "the summed union (LISA's convention); N-acc / T-acc are the shares of no-target / "
-        "target samples predicted empty / non-empty.",
-        "",
-        "| group | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    rows = [*report.per_group.items(), ("overall", report.overall)]
-    for group, metrics in rows:
-        cells = [_format_number(metrics[n]) if n in metrics else "-" for n in names]
-        lines.append(f"| {group} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _training_section(training: Mapping[str, Any] | str | None) -> str:
-    head = "## Training recipe\n\n"
-    if training is None:
-        return head + "Not recorded.\n"
-    if isinstance(training, str):
-        return head + training.strip() + "\n"
-    lines = ["| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in training.items()]
-    return head + "\n".join(lines) + "\n"
-
-
-def _architecture_summary(config: Any) -> str:
-    text = config.vlm_text_config
-    return (
-        f"- VLM: `{config.vlm_config.model_type}` (text hidden {text.hidden_size}, "
-        f"{text.num_hidden_layers} layers, vocabulary {text.vocab_size})\n"
-        f"- SAE on the output of decoder layer {config.sae_layer}: {config.sae_architecture}, "
-        f"d_sae {config.d_sae}"
-        + (f", k {config.sae_k}" if config.sae_architecture == "topk" else "")
-        + "\n"
-        f"- Query codebook: width {config.codebook_dim}, {config.codebook_layers} layers, "
-        f"{config.codebook_heads} heads; K = {config.num_slots} slots\n"
-        f"- Image encoder: `{config.image_encoder_type}`; SAM prompt encoder + mask decoder of "
-        f"width {config.image_embedding_channels}; masks {config.mask_size}x{config.mask_size} "
-        "before resizing to the image\n"
-    )
-
-
-def build_model_card(
-    config: Any,
-    *,
-    repo_id: str,
-    license: str = "apache-2.0",
-    base_models: Sequence[str] = (),
-    datasets: Sequence[str] = (),
-    evaluation: Any = None,
-    eval_dataset_name: str = "evaluation set",
-    eval_dataset_type: str = "custom",
-    eval_split: str | None = None,
-    training: Mapping[str, Any] | str | None = None,
-    limitations: str | None = None,
-    toy: bool = False,
-    instruction: str = DEFAULT_INSTRUCTION,
-    widget_image_url: str | None = None,
-    extra_tags: Sequence[str] = (),
-    model_name: str | None = None,
-) -> ModelCard:
-    """The model card of a SegCompass model, from the run's facts.
-
-    Args:
-        config: the model's `SegCompassConfig` (architecture summary).
-        repo_id: the Hub id the model is published under (used in the usage snippets).
-        license: an SPDX-like Hub license id.
-        base_models: Hub ids of the VLM / SAM / SAE the model was assembled from.
-        datasets: Hub ids (or names) of the training data.
-        evaluation: metrics as `EvaluationReport.from_any` accepts them; they go to the
-            card metadata (``model-index``) and to a table. Never invented: without it the
-            card says there are no numbers.
-        eval_dataset_name, eval_dataset_type, eval_split: what the numbers were measured on.
-        training: the recipe, as a settings dict (rendered as a table) or markdown.
-        limitations: markdown; default text depends on ``toy``.
-        toy: the tiny embedded-default model trained on synthetic shapes.
-        instruction: the example instruction (snippets and widget).
-        widget_image_url: an example image URL for the widget metadata.
-        extra_tags: more Hub tags.
-        model_name: display name (default: the last part of ``repo_id``).
-    """
-    report = (
-        None
-        if evaluation is None
-        else EvaluationReport.from_any(
-            evaluation,
-            dataset_name=eval_dataset_name,
-            dataset_type=eval_dataset_type,
-            split=eval_split,
-        )
-    )
-    name = model_name or repo_id.rstrip("/").split("/")[-1]
-    tags = list(
-        dict.fromkeys([*CARD_TAGS, *(("toy", "synthetic-data") if toy else ()), *extra_tags])
-    )
-    eval_results = None
-    if report is not None:
-        eval_results = [
-            EvalResult(
-                task_type="image-segmentation",
-                task_name="Reasoning segmentation",
-                dataset_type=report.dataset_type,
-                dataset_name=report.dataset_name,
-                dataset_split=report.split,
-                metric_type=metric,
-                metric_name=metric,
-                metric_value=round(value, 6),
-            )
-            for metric, value in report.overall.items()
-        ]
-    widget: dict[str, Any] = {"text": instruction}
-    if widget_image_url:
-        widget["src"] = widget_image_url
-    data = ModelCardData(
-        license=license,
-        library_name="transformers",
-        pipeline_tag="image-segmentation",
-        tags=tags,
-        base_model=list(base_models) or None,
-        datasets=list(datasets) or None,
-        eval_results=eval_results,
-        model_name=name,
-        widget=[widget],
-    )
-    if limitations is None:
-        limitations = (
-            "- **This is a toy model.** It is the tiny embedded default (about half a million "
-            "parameters) trained on a synthetic world of coloured shapes on a plain canvas. "
-            "It does not segment natural images and its instructions are limited to that "
-            "world's vocabulary; use it to try the code path, not for results.\n"
-            if toy
-            else ""
-        ) + (
-            "- The chain of thought can name the wrong object; the mask then follows the "
-            "wrong reasoning. Check the `text` and the concept trace.\n"
-            "- A completion without `<REF_POS>` tokens yields no mask (`reason` says so).\n"
-            "- Concepts are SAE latents: their meaning is inferred from the tokens they fire "
-            "on, not guaranteed, and the trace shows correlation, not proof of causation "
-            "(use concept ablation for causal checks).\n"
-            "- The Hub's inference widget cannot run custom code: use the pipeline, the "
-            "Inference Endpoint handler or the Gradio app below.\n"
-        )
-    base_list = (
-        "\n".join(f"- [`{b}`](https://huggingface.co/{b})" for b in base_models)
-        if base_models
-        else "- none recorded"
-    )
-    body = f"""
-# {name}
-
-SegCompass (arXiv:2605.22658) for **reasoning segmentation**: given an image and an implicit
-instruction, a vision-language model writes its reasoning in `<think> ... </think>` followed
-by `<REF_POS>` tokens; a sparse autoencoder exposes the concepts in its hidden states; a query
-codebook gathers them into one slot per object; each slot, fused with its `<REF_POS>` state,
-points SAM's mask decoder at the object.
-
-Built with the `modeling_segcompass` package; the model ships its code (remote code), so
-only `torch` and `transformers` are needed to use it.
-
-## Usage
-
-```python
-{usage_snippet(repo_id, instruction)}
-```
-
-Lower level, with the model and processor:
-
-```python
-{lower_level_snippet(repo_id, instruction)}
-```
-
-The output of the pipeline: `masks` (a list of `(H, W)` bool arrays, one per object found),
-`scores` (their confidences), `text` (the generated chain of thought and answer), `reason`
-(why there is no mask, if none), and `concept_trace`.
-
-## Model
-
-{_architecture_summary(config)}
-Base models:
-{base_list}
-
-{_training_section(training)}
-{_evaluation_section(report)}
-## Interpretability
-
-Every mask can be traced back through the model. `concept_trace` lists, for each slot, the
-SAE concepts (latent ids) it drew on most, with the weight the codebook gave them and the
-tokens (image patches, instruction or reasoning words) on which they fired. The heatmap of a
-slot (`return_heatmaps=True`) shows where it pointed before SAM refined the mask. With the
-`modeling_segcompass` package, `interpret.ablation.ablate_concepts` removes concepts with everything
-else frozen and measures how the mask changes.
-
-## Serving
-
-The Hub widget does not run custom code (metadata is kept for discovery). To serve:
-
-- **Inference Endpoint**: this repository contains `handler.py` (`EndpointHandler`) and
-  `requirements.txt`. Send `{{"inputs": {{"image": "<base64>", "instruction": "..."}}}}`;
-  masks come back as COCO run-length encoding.
-- **Space**: `app.py` is a Gradio app (image upload, instruction, mask overlay, chain of
-  thought, concept trace). Copy it into a Gradio Space and set `SEGCOMPASS_MODEL={repo_id}`.
-
-## Limitations
-
-{limitations.strip()}
-
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
-    content = f"---\n{data.to_yaml()}\n---\n{body.lstrip()}"
-    return ModelCard(content)
-
-
-def extract_python_blocks(card_text: str) -> list[str]:
-    """The fenced ```python blocks of a card, in order (for running its usage as a test)."""
-    return re.findall(r"```python\n(.*?)```", card_text, flags=re.DOTALL)
 
 
 # --------------------------------------------------------------------------- export
@@ -552,12 +211,17 @@ def push_to_hub(
     )
 
 
+# The card's names stay importable from here (`serving.model_card` holds them).
 __all__ = [
+    "CARD_TAGS",
+    "CITATION",
+    "DEFAULT_INSTRUCTION",
     "EvaluationReport",
     "ExportResult",
     "build_model_card",
     "export",
     "extract_python_blocks",
+    "lower_level_snippet",
     "push_to_hub",
     "upload_command",
     "usage_snippet",
