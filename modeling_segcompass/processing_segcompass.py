@@ -52,7 +52,8 @@ IM_END_TOKEN = "<|im_end|>"
 THINK_START_TOKEN = THINK_START
 THINK_END_TOKEN = THINK_END
 DEFAULT_REF_TOKEN = REF_TOKEN
-#: Control and answer tokens that an instruction may not contain (prompt injection guard).
+#: Control and answer tokens that an instruction may never contain (prompt injection guard);
+#: `SegCompassProcessor.control_tokens` adds every special and added token of the tokenizer.
 RESERVED_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -278,7 +279,39 @@ class SegCompassProcessor(ProcessorMixin):
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
 
-    def _check_instruction(self, instruction: Any, index: int) -> str:
+    @property
+    def control_tokens(self) -> tuple[str, ...]:
+        """Tokens an instruction may not contain: `RESERVED_TOKENS`, the answer tokens and
+        every special or added token of the tokenizer (a real Qwen tokenizer's
+        `<|box_start|>`, `<tool_call>`, ...), longest first. The tokenizer matches these in
+        raw text, so each would put a control id into the prompt. Added tokens that are plain
+        words (letters and digits only) are vocabulary and stay allowed."""
+        tokenizer = self.tokenizer
+        found = {*RESERVED_TOKENS, THINK_START_TOKEN, THINK_END_TOKEN, self.ref_token}
+        found.update(getattr(tokenizer, "all_special_tokens", None) or ())
+        get_added_vocab = getattr(tokenizer, "get_added_vocab", None)
+        if get_added_vocab is not None:
+            found.update(get_added_vocab())
+        markup = (t for t in found if isinstance(t, str) and t.strip() and not t.isalnum())
+        return tuple(sorted(markup, key=lambda t: (-len(t), t)))
+
+    @staticmethod
+    def _check_unicode(text: str, name: str) -> None:
+        """Refuse a lone surrogate (half of a UTF-16 pair, e.g. the JSON escape ``\\ud83d``
+        alone): it is not text the tokenizer can encode."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            char = text[error.start]
+            raise ValueError(
+                f"{name} contains a lone surrogate U+{ord(char):04X} at character {error.start}, "
+                "which is not valid Unicode text and cannot be tokenized (often half of an "
+                "emoji escaped as two \\u codes). Send both halves of the pair, or remove it."
+            ) from None
+
+    def _check_instruction(
+        self, instruction: Any, index: int, control_tokens: tuple[str, ...] = RESERVED_TOKENS
+    ) -> str:
         name = f"instructions[{index}]"
         if not isinstance(instruction, str):
             raise TypeError(f"Expected {name} to be a str, got {type(instruction).__name__}.")
@@ -290,7 +323,8 @@ class SegCompassProcessor(ProcessorMixin):
                 f"{self.max_instruction_chars}. Shorten it, or raise the limit with "
                 "`processor.max_instruction_chars = N` (saved with the processor)."
             )
-        for token in (*RESERVED_TOKENS, self.ref_token):
+        self._check_unicode(instruction, name)
+        for token in (*control_tokens, self.ref_token):
             if token in instruction:
                 raise ValueError(
                     f"{name} contains the control token {token!r}, which would change the "
@@ -381,7 +415,10 @@ class SegCompassProcessor(ProcessorMixin):
             )
         if not image_list:
             raise ValueError("Expected at least one image and instruction, got an empty batch.")
-        instruction_list = [self._check_instruction(t, i) for i, t in enumerate(instruction_list)]
+        control = self.control_tokens
+        instruction_list = [
+            self._check_instruction(t, i, control) for i, t in enumerate(instruction_list)
+        ]
         response_list = None
         if responses is not None:
             response_list = [responses] if isinstance(responses, str) else list(responses)
@@ -395,6 +432,7 @@ class SegCompassProcessor(ProcessorMixin):
                     raise TypeError(
                         f"Expected responses[{i}] to be a str, got {type(response).__name__}."
                     )
+                self._check_unicode(response, f"responses[{i}]")
 
         rgb_images = [to_rgb_uint8(img, f"images[{i}]") for i, img in enumerate(image_list)]
         vision = self._vision_inputs(rgb_images)
@@ -556,6 +594,8 @@ class SegCompassProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("Expected text to be a str or a list of str.")
+        for i, t in enumerate(texts):
+            self._check_unicode(t, f"text[{i}]")
         if images is None:
             per_prompt = [[] for _ in texts]
         elif (

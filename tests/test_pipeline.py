@@ -212,3 +212,14 @@ def test_exif_orientation_gives_the_same_upright_masks_through_every_entry_point
         assert len(masks) == len(expected)
         for ours, theirs in zip(masks, expected):
             np.testing.assert_array_equal(ours, theirs)
+
+
+def test_lone_surrogate_from_json_is_refused_by_name_through_the_endpoint(pipe):
+    import json
+
+    from modeling_segcompass.serving.endpoint_handler import EndpointHandler
+
+    payload = json.loads('{"inputs": {"image": null, "instruction": "the \\ud83d cat"}}')
+    payload["inputs"]["image"] = image()
+    with pytest.raises(ValueError, match=r"instructions\[0\] contains a lone surrogate U\+D83D"):
+        EndpointHandler(pipe=pipe)(payload)

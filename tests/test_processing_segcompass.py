@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -508,3 +510,32 @@ def test_exif_orientation_is_applied_once(processor, orientation, turn):
     # ground-truth masks are given at the upright size
     masks = np.zeros((1, *viewed.shape[:2]), np.uint8)
     assert processor(photo, "x", masks=[masks])["gt_masks"].shape[1] == 1
+
+
+# --------------------------------------------------------------------------- instruction text
+def test_lone_surrogate_is_refused_by_name(processor):
+    import json
+
+    half_emoji = json.loads('"the \\ud83d cat"')  # half of a pair, as JSON can carry it
+    with pytest.raises(ValueError, match=r"instructions\[1\] contains a lone surrogate.*U\+D83D"):
+        processor([random_image(8, 8)] * 2, ["ok", half_emoji])
+    with pytest.raises(ValueError, match=r"responses\[0\] contains a lone surrogate"):
+        processor(random_image(8, 8), "ok", responses=["<think> \udfff </think> <REF_POS>"])
+    whole = json.loads('"the \\ud83d\\ude00 cat"')  # a whole pair is one character: accepted
+    assert processor(random_image(8, 8), whole)["input_ids"].shape[0] == 1
+
+
+def test_control_tokens_come_from_the_tokenizer():
+    tokenizer = build_tiny_tokenizer(CORPUS, vocab_size=400)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|box_start|>", "<|box_end|>"]})
+    tokenizer.add_tokens(["<tool_call>", "blorp"])
+    processor = build_processor(tokenizer)
+    for token in ("<|box_start|>", "<|box_end|>", "<tool_call>", "<think>"):
+        message = re.escape(f"instructions[0] contains the control token {token!r}")
+        with pytest.raises(ValueError, match=message):
+            processor(random_image(8, 8), f"the box {token} here")
+    assert {"<|box_start|>", "<tool_call>", "<REF_POS>", "<|im_end|>"} <= set(
+        processor.control_tokens
+    )
+    # an added plain word is vocabulary, not markup
+    assert processor(random_image(8, 8), "the blorp")["input_ids"].shape[0] == 1
