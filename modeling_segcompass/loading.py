@@ -1,16 +1,87 @@
-"""Loading a SegCompass checkpoint without running or half-loading anything.
+"""Loading a SegCompass checkpoint without running or half-loading anything, and saving
+folders that load back exactly what was saved.
 
 `SegCompassForReasoningSegmentation.from_pretrained` goes through `load_safely`, which wraps
-transformers' own loading.
+transformers' own loading; its `save_pretrained` ends with `tidy_saved_folder`.
 
 This file travels with saved models (remote code): it imports only the standard library.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: The two layouts of safetensors weights that `save_pretrained` writes: one file, or shards
+#: listed by an index.
+SINGLE_WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _shard_files(folder: str) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if _SHARD.fullmatch(name))
+
+
+def check_one_weight_set(folder: str | os.PathLike) -> None:
+    """Refuse a folder that holds both weight layouts.
+
+    Saving sharded weights into a folder with an older ``model.safetensors`` (or the reverse)
+    leaves both, and transformers then loads ``model.safetensors`` whichever is newer.
+    """
+    folder = os.path.normpath(os.fspath(folder))
+    single, index = (os.path.join(folder, name) for name in (SINGLE_WEIGHTS, WEIGHTS_INDEX))
+    if not (os.path.isfile(single) and os.path.isfile(index)):
+        return
+    shards = _shard_files(folder)
+    shown = (", ".join(shards[:3]) + (", ..." if len(shards) > 3 else "")) or "none present"
+    newer = SINGLE_WEIGHTS if os.path.getmtime(single) > os.path.getmtime(index) else WEIGHTS_INDEX
+    raise OSError(
+        f"{folder!r} holds two sets of weights: {SINGLE_WEIGHTS}, and {WEIGHTS_INDEX} with the "
+        f"shards ({shown}). One is left over from an older save into the same folder "
+        f"({newer} is the newer by date), and transformers "
+        f"would load {SINGLE_WEIGHTS} whichever it is. Delete the stale set (either "
+        f"{SINGLE_WEIGHTS}, or {WEIGHTS_INDEX} and its model-*-of-*.safetensors shards), or "
+        "save the model again into an empty folder; SegCompass's save_pretrained, export and "
+        "trainer checkpoints remove the other layout for you."
+    )
+
+
+def remove_stale_weights(folder: str | os.PathLike) -> list[str]:
+    """After a save into `folder`: delete the weight files of the layout it did not write.
+
+    transformers removes old shards the new save does not overwrite, but neither an old
+    ``model.safetensors`` under new shards nor an old index over a new single file. A sharded
+    save leaves an index whose shards all exist; a single-file save removed every shard, so
+    its stale index lists missing files. Returns the removed names.
+    """
+    folder = os.fspath(folder)
+    single, index = (os.path.join(folder, name) for name in (SINGLE_WEIGHTS, WEIGHTS_INDEX))
+    if not (os.path.isfile(single) and os.path.isfile(index)):
+        return []
+    try:
+        with open(index, encoding="utf-8") as f:
+            listed = set(json.load(f)["weight_map"].values())
+        sharded = bool(listed) and all(os.path.isfile(os.path.join(folder, n)) for n in listed)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        sharded = False  # an unreadable index is not the one this save wrote
+    stale = [SINGLE_WEIGHTS] if sharded else [WEIGHTS_INDEX, *_shard_files(folder)]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    logger.info("Removed weights of an older save from %s: %s", folder, stale)
+    return stale
+
+
+def tidy_saved_folder(folder: str | os.PathLike, is_main_process: bool = True) -> None:
+    """What `save_pretrained` does after transformers' save: one weight set in the folder."""
+    if is_main_process and os.path.isdir(folder):
+        remove_stale_weights(folder)
 
 
 def load_safely(
@@ -23,6 +94,8 @@ def load_safely(
       since unpickling a stranger's file can run code. Pass ``use_safetensors=False``
       explicitly to accept a pickle you trust.
     * A truncated or corrupted safetensors file raises `OSError` naming the checkpoint.
+    * A folder that holds both ``model.safetensors`` and a shard index raises `OSError`
+      (`check_one_weight_set`): one of them is stale.
     * A checkpoint that lacks some of the model's tensors raises `ValueError` instead of
       returning a model with randomly initialised parts; pass
       ``allow_missing_weights=True`` to accept that (e.g. a checkpoint of an older layout).
@@ -33,6 +106,8 @@ def load_safely(
     want_info = bool(kwargs.pop("output_loading_info", False))
     source = os.fspath(pretrained_model_name_or_path)
     folder = os.path.join(source, kwargs.get("subfolder") or "")
+    if os.path.isdir(folder):
+        check_one_weight_set(folder)
     if kwargs["use_safetensors"] and os.path.isdir(folder):
         files = sorted(os.listdir(folder))
         pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
@@ -67,4 +142,11 @@ def load_safely(
     return (model, info) if want_info else model
 
 
-__all__ = ["load_safely"]
+__all__ = [
+    "SINGLE_WEIGHTS",
+    "WEIGHTS_INDEX",
+    "check_one_weight_set",
+    "load_safely",
+    "remove_stale_weights",
+    "tidy_saved_folder",
+]

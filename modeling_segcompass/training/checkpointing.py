@@ -12,7 +12,8 @@ resumes with a missing optimizer state). This module makes the write atomic:
 3. the folder is renamed to ``<output_dir>/checkpoint-N`` (one ``rename``, atomic on POSIX
    within one file system) and the parent folder fsynced.
 
-So a ``checkpoint-N`` folder is either absent or complete. :func:`last_complete_checkpoint`
+So a ``checkpoint-N`` folder is either absent or complete, and it holds one weight set (a
+fresh folder; the model's ``save_pretrained`` also removes an older layout where it saves). :func:`last_complete_checkpoint`
 additionally skips ``checkpoint-N`` folders without the marker (written by a plain Trainer
 that crashed) and :func:`remove_staging_folders` clears what a crash left behind.
 
@@ -36,6 +37,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from ..loading import check_one_weight_set
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +211,11 @@ def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
 
     Args:
         model: the model (a `PreTrainedModel`, LoRA layers injected or not).
-        checkpoint: a folder with ``model.safetensors`` or ``model.safetensors.index.json``.
+        checkpoint: a folder with ``model.safetensors`` or ``model.safetensors.index.json``
+            (not both: one of them would be stale, see `loading.check_one_weight_set`).
     """
     folder = os.fspath(checkpoint)
+    check_one_weight_set(folder)
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(single):
