@@ -21,7 +21,11 @@ CORE = [
 ]
 TRAIN = [
     "accelerate>=1.10",
-    "peft>=0.17",
+    # PEFT's own API (inject_adapter_in_model, PeftModel with the heads as modules_to_save):
+    # older releases do not import under transformers 5 (0.17) or cannot wrap a head that is
+    # called with keyword arguments (0.18, 0.19). transformers' add_adapter / load_adapter,
+    # which this package does not use, ask for peft >= 0.22 from transformers 5.24 on.
+    "peft>=0.20",
     "trl>=1.16,<1.17",
     "datasets>=4.0",
     "evaluate>=0.4.5",

@@ -9,19 +9,10 @@ the plain Trainer lacks:
   learn many times faster than the LLM, through the optimizer's parameter groups
   (:class:`ModuleLearningRates`, :func:`build_param_groups`, :class:`SegCompassTrainer`);
 * LoRA on the VLM's language-model attention while the new heads train fully
-  (:func:`apply_lora`), and merging for export (:func:`merge_lora`);
+  (:func:`apply_lora`), merging for export (:func:`merge_lora`) and the PEFT adapter
+  folder (:func:`save_lora_adapter`), all in :mod:`.lora` and re-exported here;
 * atomic checkpoints and resume from the last complete one (:mod:`.checkpointing`);
 * the loss components (lm / seg / conf / sae) in the training logs.
-
-Why LoRA is injected into ``model.vlm`` rather than wrapping the whole model with
-``peft.get_peft_model``: a PeftModel with ``modules_to_save`` keeps a second copy of every
-saved head (at paper scale the SAE alone is 3584 x 65536 x 2 weights, about 1.9 GB in
-float32), and the Trainer then checkpoints only the adapter. Injecting with
-``peft.inject_adapter_in_model`` keeps the model a plain `SegCompassForReasoningSegmentation`
-(same ``forward``, ``segment``, ``save_pretrained``; full checkpoints that resume exactly),
-freezes only the VLM's base weights and leaves the heads trainable; :func:`merge_lora`
-folds the adapters into the base weights and removes the LoRA layers, giving a model that
-saves and loads with ``from_pretrained`` like any other.
 
 Library side (not remote code).
 """
@@ -41,23 +32,25 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import TrainOutput
 
-from ..modeling_segcompass import _decoder_layers
 from .checkpointing import AtomicCheckpointMixin
+from .lora import (
+    HEAD_MODULES,
+    LORA_PROJECTIONS,
+    apply_lora,
+    default_lora_config,
+    has_lora,
+    lora_target_modules,
+    merge_lora,
+    save_lora_adapter,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Top-level submodules of `SegCompassForReasoningSegmentation`, one learning-rate group each.
 MODULE_NAMES: tuple[str, ...] = (
     "vlm",
-    "sae",
-    "codebook",
-    "slot_mapper",
-    "image_encoder",
-    "prompt_encoder",
-    "mask_decoder",
+    *HEAD_MODULES,
 )
-#: Attention projections LoRA targets in the language model (Qwen2 / Llama naming).
-LORA_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Wrappers that prefix parameter names: PEFT (`base_model.model.`), DDP (`module.`),
 # torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
@@ -350,136 +343,6 @@ class SegCompassTrainer(AtomicCheckpointMixin, Trainer):
         super().log(logs, start_time)
 
 
-# ---------------------------------------------------------------------- LoRA
-def lora_target_modules(
-    model: nn.Module, projections: Iterable[str] = LORA_PROJECTIONS
-) -> list[str]:
-    """Names (relative to ``model.vlm``) of the language model's attention projections.
-
-    Only the decoder layers of the language model are targeted (the vision tower's
-    attention is left alone), found through the same lookup the forward uses.
-    """
-    vlm = _vlm_of(model)
-    layers = _decoder_layers(vlm)
-    layer_ids = {id(layer) for layer in layers}
-    projections = tuple(projections)
-    names = []
-    for name, module in vlm.named_modules():
-        if id(module) in layer_ids:
-            for sub_name, sub in module.named_modules():
-                if sub_name.rsplit(".", 1)[-1] in projections and isinstance(sub, nn.Linear):
-                    names.append(f"{name}.{sub_name}")
-    if not names:
-        raise ValueError(
-            f"lora_target_modules: no nn.Linear named {list(projections)} in the decoder layers "
-            f"of {type(vlm).__name__}; pass the projection names of this VLM family."
-        )
-    return names
-
-
-def default_lora_config(
-    model: nn.Module, *, r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0
-) -> Any:
-    """A `peft.LoraConfig` on the language model's q/k/v/o projections of ``model.vlm``."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=lora_target_modules(model),
-        bias="none",
-    )
-
-
-def _vlm_of(model: nn.Module) -> nn.Module:
-    vlm = getattr(model, "vlm", None)
-    if vlm is None:
-        raise TypeError(
-            f"Expected a SegCompassForReasoningSegmentation (with a `.vlm`), got "
-            f"{type(model).__name__}."
-        )
-    return vlm
-
-
-def apply_lora(model: nn.Module, lora_config: Any = None) -> nn.Module:
-    """Inject LoRA adapters into ``model.vlm``; freeze the VLM's base weights, keep heads.
-
-    After this, the trainable parameters are the LoRA adapters and every head (sae,
-    codebook, slot_mapper, image_encoder, prompt_encoder, mask_decoder) that was trainable
-    before; the VLM's own weights (vision tower, embeddings, LM head included) are frozen.
-
-    Args:
-        model: a `SegCompassForReasoningSegmentation`; modified in place.
-        lora_config: a `peft.LoraConfig` whose ``target_modules`` name modules of
-            ``model.vlm`` (default :func:`default_lora_config`).
-
-    Returns:
-        The same model (a plain `SegCompassForReasoningSegmentation`).
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    vlm = _vlm_of(model)
-    if lora_config is None:
-        lora_config = default_lora_config(model)
-    if not isinstance(lora_config, LoraConfig):
-        raise TypeError(
-            f"apply_lora: expected a peft.LoraConfig, got {type(lora_config).__name__}."
-        )
-    if has_lora(model):
-        raise ValueError(
-            "apply_lora: the model already has LoRA layers; merge them first (merge_lora) or "
-            "train the existing ones."
-        )
-    if lora_config.modules_to_save:
-        raise ValueError(
-            "apply_lora: `modules_to_save` is not needed (and not supported): the heads are "
-            "outside the VLM and stay fully trainable. Remove it from the LoraConfig."
-        )
-    inject_adapter_in_model(lora_config, vlm)
-    for name, param in vlm.named_parameters():
-        param.requires_grad_(".lora_" in f".{name}")
-    trainable = sum(p.numel() for n, p in vlm.named_parameters() if p.requires_grad)
-    logger.info("LoRA injected into the VLM: %d adapter parameters train.", trainable)
-    return model
-
-
-def has_lora(model: nn.Module) -> bool:
-    """Whether ``model`` holds injected LoRA layers."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
-
-
-@torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA adapter into its base weight and remove the LoRA layers, in place.
-
-    The result is a plain `SegCompassForReasoningSegmentation` (same outputs up to float
-    rounding) that ``save_pretrained`` / ``from_pretrained`` handle like any other. VLM
-    parameters stay frozen as they were during LoRA training.
-
-    Returns:
-        The same model object.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
-        replaced += 1
-    if replaced == 0:
-        logger.warning("merge_lora: the model has no LoRA layers; nothing merged.")
-    else:
-        logger.info("merge_lora: merged and removed %d LoRA layers.", replaced)
-    return model
-
-
 # ---------------------------------------------------------------------- one call
 def sft_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
     """`TrainingArguments` with the settings SegCompass SFT needs, overridable.
@@ -585,6 +448,7 @@ def train_sft(
 
 
 __all__ = [
+    "HEAD_MODULES",
     "LORA_PROJECTIONS",
     "MODULE_NAMES",
     "ModuleLearningRates",
@@ -598,6 +462,7 @@ __all__ = [
     "lora_target_modules",
     "merge_lora",
     "module_of_parameter",
+    "save_lora_adapter",
     "sft_training_arguments",
     "train_sft",
 ]

@@ -255,11 +255,11 @@ def test_lora_sft_trains_adapters_and_heads_not_the_vlm_and_merges_exactly(tmp_p
     )
 
 
-def test_apply_lora_refuses_modules_to_save_and_double_injection():
+def test_apply_lora_refuses_vlm_modules_to_save_and_double_injection():
     model = build_tiny_model()
     targets = lora_target_modules(model)
     with pytest.raises(ValueError, match="modules_to_save"):
-        apply_lora(model, LoraConfig(r=2, target_modules=targets, modules_to_save=["sae"]))
+        apply_lora(model, LoraConfig(r=2, target_modules=targets, modules_to_save=["lm_head"]))
     apply_lora(model, LoraConfig(r=2, target_modules=targets))
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, LoraConfig(r=2, target_modules=targets))
