@@ -26,6 +26,14 @@ CARD_TAGS = (
     "interpretability",
     "image-segmentation",
 )
+#: The Hub metadata's ``pipeline_tag``. For a transformers model whose tag is one of the tasks
+#: of transformers' own pipelines (image-segmentation among them), the Hub's "Use this model"
+#: code calls ``pipeline("<tag>", model=...)``, and that standard pipeline cannot run this
+#: model: it takes an instruction and is the custom ``reasoning-segmentation`` pipeline. For a
+#: tag outside that list the Hub shows only the AutoProcessor / AutoModel lines, which load
+#: the model. "image-text-to-image" is such a tag, and says what the model does: an image and
+#: an instruction in, masks out.
+PIPELINE_TAG = "image-text-to-image"
 DEFAULT_INSTRUCTION = "the red square"
 CITATION = """@inproceedings{segcompass2026,
   title     = {SegCompass: Exploring Interpretable Alignment with Sparse Autoencoders for
@@ -266,7 +274,7 @@ def build_model_card(
     data = ModelCardData(
         license=license,
         library_name="transformers",
-        pipeline_tag="image-segmentation",
+        pipeline_tag=PIPELINE_TAG,
         tags=tags,
         base_model=list(base_models) or None,
         datasets=list(datasets) or None,
@@ -320,6 +328,14 @@ Lower level, with the model and processor:
 ```python
 {lower_level_snippet(repo_id, instruction)}
 ```
+
+**Which call.** The pipeline of this model is the custom `reasoning-segmentation` pipeline,
+shipped with it: `pipeline(model=..., trust_remote_code=True)` reads it from `config.json`
+(naming it works too: `pipeline("reasoning-segmentation", model=..., trust_remote_code=True)`).
+The standard `pipeline("image-segmentation", ...)` cannot run this model: it takes no
+instruction. The metadata says `pipeline_tag: {PIPELINE_TAG}` (an image and an instruction
+in, masks out), so that the Hub's "Use this model" code loads the model with `AutoProcessor` /
+`AutoModel`; call `model.segment` as above.
 
 The output of the pipeline: `masks` (a list of `(H, W)` bool arrays, one per object found),
 `scores` (their confidences), `text` (the generated chain of thought and answer), `reason`
@@ -376,6 +392,7 @@ __all__ = [
     "CITATION",
     "DEFAULT_INSTRUCTION",
     "EvaluationReport",
+    "PIPELINE_TAG",
     "build_model_card",
     "extract_python_blocks",
     "lower_level_snippet",

@@ -75,6 +75,47 @@ def exported(parts, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def exported_here(parts, tmp_path_factory):
+    """An export whose card loads the model from the folder itself (runs offline)."""
+    model, processor = parts
+    folder = tmp_path_factory.mktemp("export-here") / "model"
+    return export(model, processor, folder, repo_id=str(folder), toy=True)
+
+
+# Pipeline tags for which the Hub's "Use this model" button writes
+# `pipeline("<tag>", model=..., trust_remote_code=True)` for a transformers model (the
+# transformers entry of the Hub's library-to-tasks table, huggingface.js); for any other tag
+# it writes only the AutoProcessor / AutoModel lines.
+HUB_PIPELINE_SNIPPET_TAGS = {
+    "audio-classification", "automatic-speech-recognition", "depth-estimation",
+    "document-question-answering", "feature-extraction", "fill-mask", "image-classification",
+    "image-feature-extraction", "image-segmentation", "image-to-image", "image-to-text",
+    "image-text-to-text", "mask-generation", "object-detection", "question-answering",
+    "summarization", "table-question-answering", "text-classification", "text-generation",
+    "text-to-audio", "text-to-speech", "token-classification", "translation",
+    "video-classification", "visual-question-answering", "zero-shot-classification",
+    "zero-shot-image-classification", "zero-shot-object-detection",
+}  # fmt: skip
+
+
+def hub_use_this_model_snippets(pipeline_tag: str, model_id: str) -> list[str]:
+    """The code the Hub shows under "Use this model" for a custom-code transformers model."""
+    snippets = [
+        "from transformers import AutoProcessor, AutoModel\n\n"
+        f'processor = AutoProcessor.from_pretrained("{model_id}", trust_remote_code=True)\n'
+        f'model = AutoModel.from_pretrained("{model_id}", trust_remote_code=True, '
+        'device_map="auto")\n'
+    ]
+    if pipeline_tag in HUB_PIPELINE_SNIPPET_TAGS:
+        snippets.insert(
+            0,
+            "from transformers import pipeline\n\n"
+            f'pipe = pipeline("{pipeline_tag}", model="{model_id}", trust_remote_code=True)\n',
+        )
+    return snippets
+
+
+@pytest.fixture(scope="module")
 def pipe(parts):
     model, processor = parts
     return pipeline(TASK, model=model, processor=processor)
@@ -114,8 +155,10 @@ def test_card_parses_and_holds_the_run_facts(exported):
     card = ModelCard.load(exported.folder / "README.md")
     data = card.data
     assert data.license == "apache-2.0"
-    assert data.library_name == "transformers" and data.pipeline_tag == "image-segmentation"
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-text-to-image"
+    assert "image-segmentation" in data.tags  # found by that task, not run as that pipeline
     assert {"custom_code", "reasoning-segmentation", "toy"} <= set(data.tags)
+    assert "**Which call.**" in card.text and 'pipeline("reasoning-segmentation"' in card.text
     assert data.base_model == ["Qwen/Qwen2.5-VL-7B-Instruct"]
     assert data.datasets == ["synthetic-shapes"]
     assert data.widget == [{"text": "the red square"}]
@@ -177,17 +220,20 @@ FRESH_PROCESS = (
     + inspect.getsource(force_answer)
     + textwrap.dedent(
         """
-    import io, json, sys, contextlib
+    import io, json, sys, contextlib, traceback
 
     import numpy as np
     from transformers import AutoProcessor, pipeline
 
     folder, snippets = sys.argv[1], json.loads(sys.argv[2])
-    report = {"snippets": []}
-    for code in snippets:  # the card's usage, as a user would paste it
+    report = {"snippets": [], "errors": []}
+    for code in snippets:  # the usage, as a user would paste it
         buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            exec(compile(code, "card-snippet", "exec"), {"__name__": "__main__"})
+        try:
+            with contextlib.redirect_stdout(buffer):
+                exec(compile(code, "card-snippet", "exec"), {"__name__": "__main__"})
+        except Exception:
+            report["errors"].append(code + "\\n" + traceback.format_exc()[-1500:])
         report["snippets"].append(buffer.getvalue())
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -211,14 +257,17 @@ FRESH_PROCESS = (
 
 
 @pytest.mark.slow
-def test_export_works_in_a_fresh_process_without_the_package(exported, pipe):
-    folder = exported.folder
+def test_export_works_in_a_fresh_process_without_the_package(exported_here, pipe):
+    """Every code block of the card runs verbatim, and so does the code the Hub generates
+    from the card's pipeline_tag."""
+    folder = exported_here.folder
     probe = np.random.default_rng(3).integers(0, 256, (20, 28, 3), dtype=np.uint8)
     np.save(folder / "probe_image.npy", probe)  # test-made array, not a pickle
-    snippets = [
-        code.replace(REPO_ID, str(folder)) for code in extract_python_blocks(exported.card.text)
-    ]
+    card = ModelCard.load(folder / "README.md")
+    snippets = extract_python_blocks(card.text)  # as written, nothing replaced
     assert len(snippets) == 2 and all("trust_remote_code=True" in s for s in snippets)
+    hub_snippets = hub_use_this_model_snippets(card.data.pipeline_tag, str(folder))
+    snippets += hub_snippets
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
     result = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(folder), json.dumps(snippets)],
@@ -231,6 +280,7 @@ def test_export_works_in_a_fresh_process_without_the_package(exported, pipe):
     (folder / "probe_image.npy").unlink()
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["errors"] == [], "\n\n".join(report["errors"])
     assert report["processor"] == "SegCompassProcessor"
     assert report["pipeline"] == "ReasoningSegmentationPipeline"
     assert report["module"].startswith("transformers_modules.")
