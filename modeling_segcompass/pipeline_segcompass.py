@@ -144,6 +144,54 @@ def concept_trace(
 
 
 # --------------------------------------------------------------------------- segment
+def position_limit(model: Any) -> int | None:
+    """The VLM's ``max_position_embeddings`` (of its text model), None when it names none."""
+    config = getattr(getattr(model, "vlm", None), "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_prompt_lengths(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    max_new_tokens: int,
+) -> None:
+    """Refuse a prompt that, with the generation budget, runs past the VLM's positions.
+
+    The processor cannot know the model's limit, so `segment` checks where the two meet.
+    Lengths are counted in tokens: the prompt (image tokens included) plus
+    ``max_new_tokens``, the longest sequence the forward after generation may see.
+
+    Raises:
+        ValueError: naming the row, the lengths and the fix.
+    """
+    limit = position_limit(model)
+    if limit is None:
+        return
+    lengths = attention_mask.sum(-1).tolist()  # (B,) prompt tokens, padding left out
+    for i, length in enumerate(lengths):
+        if length + max_new_tokens <= limit:
+            continue
+        image_tokens = int(((input_ids[i] == image_token_id) & attention_mask[i].bool()).sum())
+        fix = (
+            f"lower max_new_tokens to at most {limit - length}, shorten the instruction"
+            if length < limit
+            else "shorten the instruction"
+        )
+        raise ValueError(
+            f"segment(): instructions[{i}] with images[{i}] makes a prompt of {length} tokens "
+            f"({image_tokens} of them for the image); with "
+            f"max_new_tokens={max_new_tokens} the sequence may reach {length + max_new_tokens} "
+            f"tokens, more than the VLM's max_position_embeddings={limit}. To fit, {fix}, "
+            "or give a smaller image (fewer image tokens)."
+        )
+
+
 @dataclass
 class SegmentationResult:
     """What `segment` returns for one image.
@@ -212,6 +260,12 @@ def segment(
     Returns:
         One `SegmentationResult` per image. A completion without `<REF_POS>` (or, when
         `strict_format`, with a broken format) gets no mask and a `reason`; it never raises.
+
+    Raises:
+        ValueError: for inputs the processor refuses (naming ``images[i]`` or
+            ``instructions[i]``), and for a prompt whose tokens plus ``max_new_tokens`` run
+            past the VLM's ``max_position_embeddings`` (`check_prompt_lengths`), before
+            anything is generated.
     """
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is None:
@@ -233,6 +287,9 @@ def segment(
     instruction_list = [instructions] if single else list(instructions)
     image_list = [images] if single or not isinstance(images, (list, tuple)) else list(images)
     enc = processor(images=image_list, instructions=instruction_list, return_tensors="pt")
+    check_prompt_lengths(
+        model, enc["input_ids"], enc["attention_mask"], processor.image_token_id, max_new_tokens
+    )
     device = model.device
     enc = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
     tokenizer = processor.tokenizer

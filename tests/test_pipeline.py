@@ -223,3 +223,8 @@ def test_lone_surrogate_from_json_is_refused_by_name_through_the_endpoint(pipe):
     payload["inputs"]["image"] = image()
     with pytest.raises(ValueError, match=r"instructions\[0\] contains a lone surrogate U\+D83D"):
         EndpointHandler(pipe=pipe)(payload)
+
+
+def test_prompt_past_the_vlm_positions_is_refused_through_the_pipeline(pipe):
+    with pytest.raises(ValueError, match=r"max_position_embeddings=512.*max_new_tokens to at"):
+        pipe(image(), "the red circle", max_new_tokens=600)

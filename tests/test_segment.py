@@ -130,3 +130,19 @@ def test_ref_spelled_with_ordinary_tokens_is_no_ref_and_never_raises(setup, stri
     decode = processor.tokenizer.decode
     answer = parse_answer_ids(sequence[:-1], AnswerTokenIds.from_config(model.config), decode)
     assert answer.num_ref == 0 and format_score(answer, num_ref=1) == 0.0
+
+
+def test_prompt_past_the_vlm_positions_is_refused_with_the_lengths_and_the_fix(setup):
+    model, processor = setup
+    assert model.vlm.config.get_text_config().max_position_embeddings == 512
+    long = " ".join(["the red circle left of the green triangle"] * 60)  # about 2,700 chars
+    old_limit = processor.max_instruction_chars
+    processor.max_instruction_chars = 10_000
+    try:
+        with pytest.raises(ValueError, match=r"instructions\[1\] with images\[1\] makes a prompt of \d+ tokens \(1 of them for the image\).*max_position_embeddings=512.*shorten the instruction"):  # fmt: skip
+            model.segment([image(8, 8), image(8, 8)], ["ok", long], processor)
+    finally:
+        processor.max_instruction_chars = old_limit
+    # a prompt that fits, with a generation budget that would not
+    with pytest.raises(ValueError, match=r"max_new_tokens=600 .*lower max_new_tokens to at most"):
+        model.segment(image(8, 8), "the red circle", processor, max_new_tokens=600)
