@@ -84,6 +84,61 @@ def tidy_saved_folder(folder: str | os.PathLike, is_main_process: bool = True) -
         remove_stale_weights(folder)
 
 
+def _local_folder(path: Any, subfolder: str | None = None) -> str | None:
+    """The local folder `path` (+ `subfolder`) names, or None (a Hub id, not a path)."""
+    try:
+        folder = os.path.join(os.fspath(path), subfolder or "")
+    except TypeError:
+        return None
+    return os.path.normpath(folder) if os.path.isdir(folder) else None
+
+
+def broken_json_error(folder: str) -> OSError | None:
+    """An `OSError` naming the first ``*.json`` file of `folder` that does not parse (a
+    download or copy cut short), or None when every one parses."""
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError
+            return OSError(
+                f"{name} in {folder!r} is not valid JSON: the file is cut short or corrupted "
+                f"({error}). Download the model folder again, or write it again with "
+                "`save_pretrained`."
+            )
+    return None
+
+
+def load_processor_safely(load: Callable[..., Any], path: Any, *args: Any, **kwargs: Any) -> Any:
+    """`load` (`ProcessorMixin.from_pretrained`), naming the damaged file of a local folder.
+
+    A cut ``tokenizer.json`` (or any JSON file) raises `OSError` naming it instead of a bare
+    `JSONDecodeError`. Without ``tokenizer.json`` the tokenizer is built without SegCompass's
+    tokens and the processor fails on ``<REF_POS>``: the error says the file is missing, since
+    adding the tokens by hand would give them ids the model was not trained with.
+    """
+    try:
+        return load(path, *args, **kwargs)
+    except (OSError, ValueError) as error:
+        folder = _local_folder(path, kwargs.get("subfolder"))
+        if folder is None:
+            raise
+        named = broken_json_error(folder)
+        if named is not None:
+            raise named from error
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            raise FileNotFoundError(
+                f"{folder!r} has no tokenizer.json: the tokenizer loaded without it lacks "
+                "SegCompass's tokens (<REF_POS>, <think>, </think>). Download the model folder "
+                "again, or save the processor into it with `processor.save_pretrained(folder)`. "
+                "Do not add the tokens by hand with `add_tokens`: their ids must be the ones "
+                "the model was trained with."
+            ) from error
+        raise
+
+
 def load_safely(
     load: Callable[..., Any], pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any
 ) -> Any:
@@ -96,6 +151,7 @@ def load_safely(
     * A truncated or corrupted safetensors file raises `OSError` naming the checkpoint.
     * A folder that holds both ``model.safetensors`` and a shard index raises `OSError`
       (`check_one_weight_set`): one of them is stale.
+    * A JSON file cut short (e.g. the shard index) raises `OSError` naming it.
     * A checkpoint that lacks some of the model's tensors raises `ValueError` instead of
       returning a model with randomly initialised parts; pass
       ``allow_missing_weights=True`` to accept that (e.g. a checkpoint of an older layout).
@@ -124,6 +180,11 @@ def load_safely(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
     except Exception as error:
+        folder_found = _local_folder(folder)
+        if isinstance(error, json.JSONDecodeError) and folder_found is not None:
+            named = broken_json_error(folder_found)  # e.g. a cut model.safetensors.index.json
+            if named is not None:
+                raise named from error
         if type(error).__name__ != "SafetensorError":  # safetensors' Rust-side error
             raise
         raise OSError(
@@ -145,7 +206,9 @@ def load_safely(
 __all__ = [
     "SINGLE_WEIGHTS",
     "WEIGHTS_INDEX",
+    "broken_json_error",
     "check_one_weight_set",
+    "load_processor_safely",
     "load_safely",
     "remove_stale_weights",
     "tidy_saved_folder",

@@ -34,6 +34,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .answer_format import REF_TOKEN, THINK_END, THINK_START, ParsedAnswer, parse_answer
+from .loading import load_processor_safely
 from .sam_frame import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
@@ -165,6 +166,14 @@ class SegCompassProcessor(ProcessorMixin):
         self.image_token_id = self._token_id(IMAGE_TOKEN)
         self.ref_token_id = self._token_id(ref_token)
         self.im_end_token_id = self._token_id(IM_END_TOKEN)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
+        """`ProcessorMixin.from_pretrained`, naming a missing or damaged file of a local folder
+        (a cut ``tokenizer.json``, a deleted one) and the fix (`loading.load_processor_safely`)."""
+        return load_processor_safely(
+            super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs
+        )
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel
+from transformers import AutoModel, AutoProcessor
 
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
 from modeling_segcompass import modeling_segcompass as modeling
+from modeling_segcompass.processing_segcompass import SegCompassProcessor
 from modeling_segcompass.sparse_autoencoder import SparseAutoencoder
 from tests.helpers import (
     build_tiny_model,
@@ -259,4 +260,43 @@ def test_non_finite_thresholds_in_config_json_are_refused(saved, tmp_path, field
     folder = copy_of(saved[0], tmp_path)
     edit_config(folder, lambda c: c.update({field: value}))  # json writes NaN / Infinity
     with pytest.raises(ValueError, match=rf"SegCompassConfig.{field}: expected a finite number"):
+        SegCompassForReasoningSegmentation.from_pretrained(folder)
+
+
+# --------------------------------------------------------------------------- tokenizer and index
+@pytest.fixture(scope="module")
+def saved_processor(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("processor")
+    build_tiny_tokenizer_and_processor(num_slots=3)[1].save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("loader", [SegCompassProcessor, AutoProcessor], ids=["class", "auto"])
+def test_deleted_tokenizer_json_names_the_file_not_add_tokens(saved_processor, tmp_path, loader):
+    folder = copy_of(saved_processor, tmp_path)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(OSError, match=r"has no tokenizer\.json") as info:
+        loader.from_pretrained(folder, trust_remote_code=True)
+    message = str(info.value)
+    assert "Download the model folder again" in message and "save_pretrained" in message
+    assert "Do not add the tokens by hand" in message  # ids must match the trained embeddings
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("loader", [SegCompassProcessor, AutoProcessor], ids=["class", "auto"])
+def test_truncated_tokenizer_files_are_named(saved_processor, tmp_path, loader, name):
+    folder = copy_of(saved_processor, tmp_path)
+    _truncate(folder / name)
+    with pytest.raises(OSError, match=rf"{name} in .* is not valid JSON") as info:
+        loader.from_pretrained(folder, trust_remote_code=True)
+    assert str(folder) in str(info.value) and "Download the model folder again" in str(info.value)
+
+
+def test_truncated_shard_index_is_named(saved, tmp_path):
+    folder = tmp_path / "sharded"
+    SegCompassForReasoningSegmentation.from_pretrained(saved[0]).save_pretrained(
+        folder, max_shard_size="500KB"
+    )
+    _truncate(folder / "model.safetensors.index.json")
+    with pytest.raises(OSError, match=r"model\.safetensors\.index\.json in .* is not valid JSON"):
         SegCompassForReasoningSegmentation.from_pretrained(folder)
