@@ -367,12 +367,17 @@ def _interpretability_report(state: DemoState) -> None:
 
 
 def _export_and_reload(state: DemoState) -> None:
-    """The Hub-ready folder, then reload it through remote code in a fresh process and
-    segment a held-out image; the IoU with its gold mask and the overlay are recorded."""
+    """The final SAE in SAELens format, the Hub-ready folder, then reload it through remote
+    code in a fresh process and segment a held-out image; the IoU with its gold mask and the
+    overlay are recorded."""
     from ..data.synthetic import as_mask_array
     from ..serving.hub import export
+    from ..training.sae_export import export_model_sae
 
     out, summary = state.out, state.summary
+    # The SAE as fine-tuning left it (SFT and GRPO move it on from its pretraining), in
+    # SAELens format; it replaces the pretrained one written by the SAE stage.
+    export_model_sae(state.model, out / "sae")
     state.export_dir = out / "hub_model"
     overall = summary.end_to_end.get("overall", {})
     export(
@@ -495,6 +500,7 @@ def run_demo(
         "interpretability_report": str(state.report_path),
         "hub_model": str(state.export_dir),
         "concept_labels": str(state.labels_path),
+        "sae_lens_sae": str(out / "sae"),
         "reloaded_prediction": str(out / "reloaded_prediction.png"),
         "summary": str(out / "summary.md"),
     }

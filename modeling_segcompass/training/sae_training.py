@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..modeling_segcompass import _decoder_layers
 from ..sparse_autoencoder import SparseAutoencoder
+from .sae_export import save_sae_lens
 
 logger = logging.getLogger(__name__)
 
@@ -657,7 +658,7 @@ def pretrain_sae_for_model(
             progress=progress,
         )
         output_dir = os.fspath(output_dir)
-        sae.save(output_dir, hook_name=f"vlm.decoder_layers.{cache.layer}", hook_layer=cache.layer)
+        save_sae_lens(sae, output_dir, layer=cache.layer)
         load_sae_into_model(model, output_dir)
     finally:
         if temporary is not None:

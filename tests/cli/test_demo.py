@@ -3,8 +3,23 @@
 import json
 
 import pytest
+import torch
 
 from modeling_segcompass.demo.run import run_demo
+
+
+def assert_final_sae_exported(demo):
+    """sae/ holds the SAE of the final model (the one in hub_model/), with the hook SAELens
+    needs to place it."""
+    from safetensors.torch import load_file
+
+    layer = json.loads((demo / "hub_model" / "config.json").read_text())["sae_layer"]
+    cfg = json.loads((demo / "sae" / "cfg.json").read_text())
+    assert (cfg["hook_name"], cfg["hook_layer"]) == (f"blocks.{layer}.hook_resid_post", layer)
+    assert cfg["metadata"]["hook_name"] == cfg["hook_name"]
+    final = load_file(demo / "hub_model" / "model.safetensors")
+    for name, tensor in load_file(demo / "sae" / "sae_weights.safetensors").items():
+        assert torch.equal(tensor, final[f"sae.{name}"]), name
 
 
 @pytest.mark.slow
@@ -34,6 +49,7 @@ def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path):
     hub = tmp_path / "demo" / "hub_model"
     assert (hub / "model.safetensors").exists() and (hub / "README.md").exists()
     assert (hub / "concept_labels.json").exists()
+    assert_final_sae_exported(tmp_path / "demo")
     text = summary.to_text()
     assert "# SegCompass demo summary" in text and "- reload: ok" in text
     assert (tmp_path / "demo" / "summary.md").read_text().strip() == text.strip()

@@ -214,7 +214,9 @@ def test_pretrain_saves_saelens_and_loads_bit_exact_into_the_model(batches, tmp_
     with open(tmp_path / "sae" / "cfg.json") as f:
         cfg = json.load(f)
     assert cfg["architecture"] == "topk" and cfg["d_in"] == 64 and cfg["d_sae"] == 512
-    assert cfg["metadata"]["hook_layer"] == model.config.sae_layer
+    layer = model.config.sae_layer
+    assert cfg["metadata"]["hook_layer"] == cfg["hook_layer"] == layer
+    assert cfg["metadata"]["hook_name"] == cfg["hook_name"] == f"blocks.{layer}.hook_resid_post"
     assert not torch.equal(model.sae.W_enc, before)
     saved = SparseAutoencoder.load(tmp_path / "sae")
     for name, param in saved.named_parameters():
@@ -230,6 +232,23 @@ def test_pretrain_saves_saelens_and_loads_bit_exact_into_the_model(batches, tmp_
         b = fresh(**batch, compute_logits=False)
     assert torch.equal(a.concept_indices, b.concept_indices)
     assert torch.equal(a.concept_values, b.concept_values)
+
+
+def test_export_model_sae_writes_the_current_sae_with_a_complete_saelens_config(tmp_path):
+    from modeling_segcompass.training.sae_export import export_model_sae
+
+    model = build_tiny_model(sae_layer=1)
+    export_model_sae(model, tmp_path / "sae")
+    with torch.no_grad():  # fine-tuning moves the SAE on; a second export replaces the first
+        model.sae.W_enc.add_(0.1)
+    export_model_sae(model, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert (cfg["hook_name"], cfg["hook_layer"]) == ("blocks.1.hook_resid_post", 1)
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert cfg["metadata"]["hook_layer"] == 1
+    saved = SparseAutoencoder.load(tmp_path / "sae")
+    for name, param in saved.named_parameters():
+        assert torch.equal(getattr(model.sae, name), param), name
 
 
 def test_load_sae_into_model_keeps_encoding_options_and_updates_the_config(tmp_path):
