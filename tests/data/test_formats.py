@@ -542,3 +542,21 @@ def test_to_hf_dataset_round_trip(tmp_path):
     multi = next(row for row in table if row["record_id"] == "20")
     assert multi["ann_ids"] == [1, 2] and len(multi["masks"]) == 2
     assert "masks" not in to_hf_dataset(records[:1], include_masks=False).column_names
+
+
+def test_reasonseg_images_with_an_exif_orientation_are_read_upright(tmp_path):
+    """A phone photo stores its pixels sideways and an orientation tag; viewers, OpenCV and
+    LabelMe show it turned, so the polygons live in the turned frame."""
+    split_dir = tmp_path / "reason_seg" / "ReasonSeg" / "val"
+    split_dir.mkdir(parents=True)
+    stored = Image.new("RGB", (6, 10), (200, 10, 10))  # 6 wide, 10 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": shown 10 wide, 6 high
+    stored.save(split_dir / "phone.jpg", exif=exif.tobytes())
+    shape = {"label": "target", "points": [[1, 1], [8, 1], [8, 4], [1, 4]]}
+    anno = {"text": ["the phone"], "is_sentence": False, "shapes": [shape]}
+    (split_dir / "phone.json").write_text(json.dumps(anno))
+    [record] = load_reasonseg(tmp_path, "val")
+    assert (record.height, record.width) == (6, 10)
+    assert record.masks.shape == (1, 6, 10) and record.masks[0, 1:5, 1:9].all()
+    assert record.load_image().size == (10, 6)

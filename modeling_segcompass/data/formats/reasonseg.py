@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .common import DatasetFormatError, OnError, _read_json, _short
 from .masks import _int_points
@@ -92,7 +92,8 @@ def load_reasonseg(
                     target_points.extend(points)
             try:
                 with Image.open(image_path) as image:
-                    width, height = image.size
+                    # the size as shown (EXIF orientation applied), the frame of the polygons
+                    width, height = ImageOps.exif_transpose(image).size
             except OSError as error:
                 raise ValueError(f"the image {image_path.name} cannot be read ({error})") from None
             is_sentence = anno.get("is_sentence")

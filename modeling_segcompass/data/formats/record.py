@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .common import DatasetFormatError
 from .masks import reasonseg_mask, segmentation_to_mask
@@ -176,7 +176,8 @@ class SegmentationRecord:
         return self.geometry.render(self.height, self.width)
 
     def load_image(self) -> Image.Image:
-        """Open the image as RGB (EXIF orientation is not applied, like LISA's cv2 reads)."""
+        """Open the image as RGB, upright: its EXIF orientation applied, as OpenCV's `imread`
+        (LISA's reader) and annotation tools such as LabelMe show it."""
         path = Path(self.image_path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -184,7 +185,7 @@ class SegmentationRecord:
                 "exist; pass image_dir= to the loader if the images live elsewhere"
             )
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
 
     def to_dict(self) -> dict[str, Any]:
         """The plain fields (no masks, no image) as a dict."""
