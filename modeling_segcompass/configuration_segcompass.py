@@ -1,6 +1,7 @@
 """Configuration of SegCompass (arXiv 2605.22658).
 
-This file travels with saved models (remote code): it imports only torch/transformers.
+This file travels with saved models (remote code): it imports only transformers and its flat
+sibling loading.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig, SamConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from .loading import verify_code_checksums
 
 SAE_ARCHITECTURES = ("relu", "topk", "jumprelu")
 #: The answer tokens whose ids the tokenizer decides: config field -> token.
@@ -170,6 +173,15 @@ class SegCompassConfig(PreTrainedConfig):
                 )
         super().__post_init__(**kwargs)
         self.validate_segcompass()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedConfig.from_pretrained`, first refusing a local folder whose code files
+        differ from its ``code_checksums.json`` (`loading.verify_code_checksums`). Loading
+        with ``trust_remote_code`` reads the config before it imports the modeling file, so a
+        cut modeling file is named here, not at the first forward."""
+        verify_code_checksums(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:

@@ -9,6 +9,7 @@ This file travels with saved models (remote code): it imports only the standard 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+#: Written by `serving.hub.export`: the sha256 of each carried code file, checked on loading.
+CODE_CHECKSUMS = "code_checksums.json"
 
 
 def _shard_files(folder: str) -> list[str]:
@@ -78,10 +81,116 @@ def remove_stale_weights(folder: str | os.PathLike) -> list[str]:
     return stale
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def carried_code_files(folder: str | os.PathLike) -> list[str]:
+    """The ``*.py`` files of `folder` that are this code's flat modules (the remote code a
+    saved model or processor carries), not e.g. an export's ``handler.py`` or ``app.py``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return sorted(
+        name
+        for name in os.listdir(folder)
+        if name.endswith(".py")
+        and name != "__init__.py"
+        and os.path.isfile(os.path.join(here, name))
+    )
+
+
+def write_code_checksums(folder: str | os.PathLike, digests: dict[str, str] | None = None) -> str:
+    """Write :data:`CODE_CHECKSUMS`: the sha256 of every carried code file in `folder` (or
+    the given `digests`, file name -> hex digest).
+
+    A code file cut short can still be valid Python: it imports, and fails only where the
+    missing part is needed (e.g. the first forward). The checksums let loading refuse it.
+    Returns the file's path.
+    """
+    folder = os.fspath(folder)
+    if digests is None:
+        digests = {n: _sha256(os.path.join(folder, n)) for n in carried_code_files(folder)}
+    path = os.path.join(folder, CODE_CHECKSUMS)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"sha256": digests}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+def _recorded_checksums(folder: str) -> dict[str, str]:
+    path = os.path.join(folder, CODE_CHECKSUMS)
+    try:
+        with open(path, encoding="utf-8") as f:
+            digests = json.load(f)["sha256"]
+        if not all(
+            isinstance(k, str) and isinstance(v, str) and os.path.basename(k) == k
+            for k, v in digests.items()
+        ):
+            raise ValueError("expected {'sha256': {file name: hex digest}}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise OSError(
+            f"{CODE_CHECKSUMS} in {folder!r} is damaged ({error}). Download the model folder "
+            "again, or export it again with `modeling_segcompass.serving.hub.export`."
+        ) from error
+    return digests
+
+
+def verify_code_checksums(path: Any, subfolder: str | None = None) -> None:
+    """Refuse a local folder whose carried code files differ from :data:`CODE_CHECKSUMS`.
+
+    Folders without that file (plain `save_pretrained`, older exports) and Hub ids pass.
+    """
+    folder = _local_folder(path, subfolder)
+    if folder is None or not os.path.isfile(os.path.join(folder, CODE_CHECKSUMS)):
+        return
+    for name, expected in sorted(_recorded_checksums(folder).items()):
+        file = os.path.join(folder, name)
+        found = _sha256(file) if os.path.isfile(file) else None
+        if found != expected:
+            problem = (
+                "is missing"
+                if found is None
+                else f"does not match its sha256 (recorded {expected[:12]}..., found "
+                f"{found[:12]}...): it is cut short or altered, and cut code can still "
+                "import and fail later"
+            )
+            raise OSError(
+                f"{name} in {folder!r} {problem}. Download the model folder again, or export "
+                "it again with `modeling_segcompass.serving.hub.export`. If you changed the "
+                f"code on purpose, delete {CODE_CHECKSUMS}."
+            )
+
+
+def refresh_code_checksums(folder: str | os.PathLike) -> None:
+    """Update an existing :data:`CODE_CHECKSUMS` for the code files a save just wrote.
+
+    A file identical to this code's own copy gets its current digest (a save into an exported
+    folder rewrites the code files); any other entry is kept, so a damaged file still fails.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isfile(os.path.join(folder, CODE_CHECKSUMS)):
+        return
+    try:
+        digests = _recorded_checksums(folder)
+    except OSError:
+        digests = {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in carried_code_files(folder):
+        digest = _sha256(os.path.join(folder, name))
+        if digest == _sha256(os.path.join(here, name)):
+            digests[name] = digest
+    write_code_checksums(folder, digests)
+
+
 def tidy_saved_folder(folder: str | os.PathLike, is_main_process: bool = True) -> None:
-    """What `save_pretrained` does after transformers' save: one weight set in the folder."""
+    """What `save_pretrained` does after transformers' save: one weight set in the folder,
+    and code checksums (if the folder has them) that match the code files just written."""
     if is_main_process and os.path.isdir(folder):
         remove_stale_weights(folder)
+        refresh_code_checksums(folder)
 
 
 def _local_folder(path: Any, subfolder: str | None = None) -> str | None:
@@ -114,11 +223,14 @@ def broken_json_error(folder: str) -> OSError | None:
 def load_processor_safely(load: Callable[..., Any], path: Any, *args: Any, **kwargs: Any) -> Any:
     """`load` (`ProcessorMixin.from_pretrained`), naming the damaged file of a local folder.
 
-    A cut ``tokenizer.json`` (or any JSON file) raises `OSError` naming it instead of a bare
-    `JSONDecodeError`. Without ``tokenizer.json`` the tokenizer is built without SegCompass's
-    tokens and the processor fails on ``<REF_POS>``: the error says the file is missing, since
-    adding the tokens by hand would give them ids the model was not trained with.
+    Code files that differ from the folder's :data:`CODE_CHECKSUMS` are refused first
+    (`verify_code_checksums`). A cut ``tokenizer.json`` (or any JSON file) raises `OSError`
+    naming it instead of a bare `JSONDecodeError`. Without ``tokenizer.json`` the tokenizer
+    is built without SegCompass's tokens and the processor fails on ``<REF_POS>``: the error
+    says the file is missing, since adding the tokens by hand would give them ids the model
+    was not trained with.
     """
+    verify_code_checksums(path, kwargs.get("subfolder"))
     try:
         return load(path, *args, **kwargs)
     except (OSError, ValueError) as error:
@@ -152,6 +264,8 @@ def load_safely(
     * A folder that holds both ``model.safetensors`` and a shard index raises `OSError`
       (`check_one_weight_set`): one of them is stale.
     * A JSON file cut short (e.g. the shard index) raises `OSError` naming it.
+    * A carried code file that differs from the folder's :data:`CODE_CHECKSUMS` (written by
+      `serving.hub.export`) raises `OSError` naming it (`verify_code_checksums`).
     * A checkpoint that lacks some of the model's tensors raises `ValueError` instead of
       returning a model with randomly initialised parts; pass
       ``allow_missing_weights=True`` to accept that (e.g. a checkpoint of an older layout).
@@ -164,6 +278,7 @@ def load_safely(
     folder = os.path.join(source, kwargs.get("subfolder") or "")
     if os.path.isdir(folder):
         check_one_weight_set(folder)
+        verify_code_checksums(folder)
     if kwargs["use_safetensors"] and os.path.isdir(folder):
         files = sorted(os.listdir(folder))
         pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
@@ -206,10 +321,15 @@ def load_safely(
 __all__ = [
     "SINGLE_WEIGHTS",
     "WEIGHTS_INDEX",
+    "CODE_CHECKSUMS",
     "broken_json_error",
+    "carried_code_files",
     "check_one_weight_set",
     "load_processor_safely",
     "load_safely",
+    "refresh_code_checksums",
     "remove_stale_weights",
     "tidy_saved_folder",
+    "verify_code_checksums",
+    "write_code_checksums",
 ]

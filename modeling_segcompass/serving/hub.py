@@ -31,6 +31,7 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
 
+from ..loading import write_code_checksums
 from ..pipeline_segcompass import TASK, ReasoningSegmentationPipeline, register_pipeline
 from .model_card import (
     CARD_TAGS,
@@ -160,6 +161,8 @@ def export(
         missing.append("model.safetensors")
     if missing:
         raise RuntimeError(f"The export in {str(folder)!r} lacks {missing}; this is a bug.")
+    # the sha256 of each carried code file: loading refuses one cut short (it may still import)
+    write_code_checksums(folder)
     files = sorted(p.name for p in folder.iterdir())
     logger.info("Exported SegCompass to %s (%d files).", folder, len(files))
     return ExportResult(folder=folder, files=files, card=card)
