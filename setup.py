@@ -35,7 +35,8 @@ TRAIN = [
 ]
 DEMO = ["matplotlib>=3.9"]
 SERVE = ["gradio>=5"]
-DEV = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"]
+# tensorboard: what the tests of `--report-to tensorboard` write to and read back.
+DEV = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.16"]
 
 setup(
     name="modeling_segcompass",

@@ -37,7 +37,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for path in extra:
         if not path.is_file():
             raise CLIError(f"--extra-file {str(path)!r}: no such file.")
-    repo_id = args.repo_id or f"local/{output.resolve().name}"
+    repo_id = args.repo_id  # None: the card and app.py load the model from the folder
     model = loaded.model
     del model.processor  # the export saves the processor itself
     result = export(
@@ -55,9 +55,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         eval_dataset_name=eval_name or "evaluation set",
         toy=args.toy,
     )
-    print(f"exported {len(result.files)} files to {result.folder} (repo id {repo_id}):")
+    named = f"repo id {repo_id}" if repo_id else "no --repo-id: the card loads this folder"
+    print(f"exported {len(result.files)} files to {result.folder} ({named}):")
     print("  " + ", ".join(result.files))
-    print(f"push with: {upload_command(result.folder, repo_id)}")
+    if repo_id:
+        print(f"push with: {upload_command(result.folder, repo_id)}")
+    else:
+        print(
+            "to publish: export again with --repo-id NAME (the card and app.py then load "
+            f"NAME), then: {upload_command(result.folder, 'NAME')}"
+        )
     return 0
 
 

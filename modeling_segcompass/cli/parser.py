@@ -62,6 +62,17 @@ def _data_options(parser: argparse.ArgumentParser, *, required: bool = True) -> 
     )
 
 
+def _report_to_option(parser: argparse.ArgumentParser) -> None:
+    """--report-to of the Trainer-based commands."""
+    parser.add_argument(
+        "--report-to", default="none", metavar="NAME[,NAME...]",
+        help="send the logged losses, rewards and learning rate to these transformers "
+        "integrations while training runs, e.g. 'tensorboard' (event files under "
+        "OUTPUT/runs; `pip install tensorboard`); 'all' takes every installed one, 'none' "
+        "sends nothing (training_log.json is written either way)",
+    )  # fmt: skip
+
+
 def _add_command(
     subparsers: Any,
     name: str,
@@ -181,6 +192,7 @@ def _add_sft_parser(subparsers: Any) -> None:
     )  # fmt: skip
     sft.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
     sft.add_argument("--logging-steps", type=int, default=10, help="log losses every N steps")
+    _report_to_option(sft)
     sft.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
     sft.set_defaults(handler=cmd_sft)
 
@@ -247,6 +259,7 @@ def _add_grpo_parser(subparsers: Any) -> None:
         "options as the stopped run (the KL reference is rebuilt from --model)",
     )  # fmt: skip
     grpo.add_argument("--logging-steps", type=int, default=5, help="log every N steps")
+    _report_to_option(grpo)
     grpo.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
     grpo.set_defaults(handler=cmd_grpo)
 

@@ -123,6 +123,39 @@ def resume_target(value: str | None, output: Path) -> str | bool | None:
     return str(path)
 
 
+# =========================================================================== report-to
+def report_targets(value: str) -> list[str] | str:
+    """`--report-to` of `sft` and `grpo`: a comma-separated list of transformers reporting
+    integrations, 'all' or 'none'; an unknown or uninstalled one is a user error."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return "all"
+    unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise CLIError(
+            f"--report-to {value!r}: unknown integration(s) {unknown}; transformers supports "
+            f"{sorted(INTEGRATION_TO_CALLBACK)}, or 'all' / 'none'."
+        )
+    available = set(get_available_reporting_integrations())
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise CLIError(
+            f"--report-to {value!r}: {missing} not installed here; install the package "
+            f"(e.g. `pip install {missing[0].replace('_', '-')}`) or pass --report-to none."
+        )
+    return names
+
+
+def _print_report_location(report_to: list[str] | str, output: Path) -> None:
+    if report_to == "all" or "tensorboard" in report_to:
+        print(f"tensorboard logs: {output / 'runs'}  (tensorboard --logdir {output / 'runs'})")
+
+
 # =========================================================================== sft
 def cmd_sft(args: argparse.Namespace) -> int:
     """`segcompass sft`: `sft.train_sft`, then save the (LoRA-merged) model and processor."""
@@ -134,6 +167,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if resume is None:
         check_output_dir(output, overwrite=args.overwrite)
     spec = parse_data_spec(args.data)
+    report_to = report_targets(args.report_to)
     seed_everything(args.seed)
     loaded = load_model(args.model, device=args.device)
     rows = read_rows(
@@ -158,6 +192,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps,
         seed=args.seed,
         disable_tqdm=args.no_progress,
+        report_to=report_to,
         **({"use_cpu": True, "bf16": False} if loaded.model.device.type == "cpu" else {}),
     )
     lora: Any = None
@@ -183,6 +218,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     last = f", last logged loss {losses[-1]:.4f}" if losses else ""
     print(f"supervised fine-tuning: {result.trainer.state.global_step} steps{last}.")
     print(f"model saved to {output} (log: {output / 'training_log.json'})")
+    _print_report_location(report_to, output)
     return 0
 
 
@@ -229,6 +265,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
             f"({args.num_generations}): each batch holds whole groups of completions."
         )
     multipliers = grpo_multipliers(args.lr_multipliers)
+    report_to = report_targets(args.report_to)
     seed_everything(args.seed)
     from ..training.grpo_trainer import (
         SegCompassGRPOConfig,
@@ -268,7 +305,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
-        report_to=[],
+        report_to=report_to,
         seed=args.seed,
         disable_tqdm=args.no_progress,
         **({"use_cpu": True, "bf16": False} if on_cpu else {}),
@@ -286,7 +323,8 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     last = f", last logged mean reward {rewards[-1]:.4f}" if rewards else ""
     print(f"GRPO: {trainer.state.global_step} steps{last}.")
     print(f"model saved to {output} (log: {output / 'training_log.json'})")
+    _print_report_location(report_to, output)
     return 0
 
 
-__all__ = ["GRPO_PAPER_MULTIPLIERS", "cmd_grpo", "cmd_sft", "cmd_train_sae"]
+__all__ = ["GRPO_PAPER_MULTIPLIERS", "cmd_grpo", "cmd_sft", "cmd_train_sae", "report_targets"]

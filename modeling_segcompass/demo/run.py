@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..evaluation.rows import answer_phrase_accuracy, evaluate_rows
+from .curves import collect_curves, plot_training_curves
 from .reload import reload_in_fresh_process, save_overlay
 from .schedule import time_limit_callback, time_progress_callback, time_schedule_callback
 from .summary import DemoSummary, write_summary
@@ -58,6 +59,7 @@ class DemoState:
         model, collator, batch_size: the tiny model, its collator and training batch size.
         sae_batches: collated training batches the SAE and the concept labels read.
         labels_path, report_path, export_dir: files the later stages wrote.
+        curves: the training curves so far (`curves.collect_curves` keyword arguments).
     """
 
     out: Path
@@ -81,6 +83,7 @@ class DemoState:
     labels_path: Path | None = None
     report_path: Path | None = None
     export_dir: Path | None = None
+    curves: dict[str, Any] = field(default_factory=dict)
 
     @property
     def budget(self) -> float:
@@ -90,6 +93,12 @@ class DemoState:
     def deadline(self, stage: str) -> float:
         """When the training stage ``stage`` must end (`STAGE_ENDS`), as a time.time()."""
         return self.start + STAGE_ENDS[stage] * self.budget
+
+    def steps_bar(self, description: str, total: int) -> Any:
+        """A progress bar over the ``total`` parts of a stage that is not a training loop."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=description, unit="step")
 
     def stage_done(self, name: str) -> None:
         """Record the time since the previous stage ended as stage ``name``'s."""
@@ -113,12 +122,15 @@ def _prepare_data(state: DemoState) -> None:
 
     num_train = 200 if state.quick else 6000
     per_family_held_out = 2 if state.quick else 40
+    bar = state.steps_bar("data and tokenizer", 3)
     state.world = world = SyntheticWorldConfig(seed=state.seed, cot_style=state.cot_style)
     state.train = generate_examples(world, num_train)
+    bar.update()
     state.held_out = balanced_examples(
         SyntheticWorldConfig(seed=state.seed + 1000, cot_style=state.cot_style),
         per_family_held_out,
     )
+    bar.update()
     state.summary.num_train, state.summary.num_held_out = len(state.train), len(state.held_out)
     state.tokenizer = tokenizer = build_tiny_tokenizer(
         list(iter_texts(world, min(num_train, 3000), descriptions=True)),
@@ -126,6 +138,8 @@ def _prepare_data(state: DemoState) -> None:
         save_dir=state.out / "tokenizer",
     )
     state.processor = SegCompassProcessor.tiny(tokenizer, num_slots=world.num_slots)
+    bar.update()
+    bar.close()
     # Room for the longest gold response and a few tokens more: a response cut short loses
     # its <REF_POS> tokens and silently scores 0.
     responses = [ex["response"] for ex in state.train + state.held_out]
@@ -163,9 +177,9 @@ def _pretrain_vlm(state: DemoState) -> None:
         warmup_steps=1 if quick else 100,
         batch_size=state.batch_size,
         seed=state.seed,
-        progress=not quick,
     )
     state.summary.vlm_pretraining = report.to_dict()
+    state.curves["vlm_losses"] = report.losses
 
 
 def _pretrain_sae(state: DemoState) -> None:
@@ -185,9 +199,9 @@ def _pretrain_sae(state: DemoState) -> None:
         batch_size=1024,
         lr=1e-3,
         seed=state.seed,
-        progress=False,
     )
     report = result.report
+    state.curves["sae_losses"] = report.losses
     state.summary.sae = {
         "l0": float(report.l0),
         "fvu": float(report.fvu),
@@ -212,9 +226,9 @@ def _supervised_warmup(state: DemoState) -> None:
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
         save_strategy="no",
-        logging_steps=50,
+        logging_steps=1 if quick else 50,
         seed=state.seed,
-        disable_tqdm=True,  # the step count is open-ended: a bar over the time budget instead
+        disable_tqdm=True,  # the step count is open-ended: a step counter with the time left
         log_level="warning",
     )
     sft = train_sft(
@@ -226,10 +240,11 @@ def _supervised_warmup(state: DemoState) -> None:
         callbacks=[
             time_schedule_callback(deadline, warmup_steps=1 if quick else 100),
             time_limit_callback(deadline),
-            time_progress_callback(deadline, "supervised warm-up", disable=quick),
+            time_progress_callback(deadline, "supervised warm-up", total=3 if quick else None),
         ],
     )
     state.summary.sft_steps = int(sft.trainer.state.global_step)
+    state.curves["sft_log"] = sft.trainer.state.log_history
     (state.out / "sft_log.json").write_text(json.dumps(sft.trainer.state.log_history, indent=1))
 
 
@@ -246,7 +261,6 @@ def _held_out_scores(
         teacher_forced=teacher_forced,
         batch_size=32,
         max_new_tokens=state.max_new_tokens,
-        progress=False,
     )
     scores = {"table": run.metrics.to_table(), **run.metrics.to_dict()}
     if teacher_forced:
@@ -261,7 +275,7 @@ def _evaluate_warmup(state: DemoState) -> None:
     state.model.eval()
     summary = state.summary
     summary.image_dependence = image_dependence(
-        state.model, state.held_out, state.processor, batch_size=state.batch_size
+        state.model, state.held_out, state.processor, batch_size=state.batch_size, progress=True
     ).to_dict()
     summary.oracle_cot_warmup, _ = _held_out_scores(state, teacher_forced=True)
     summary.end_to_end_warmup, _ = _held_out_scores(state, teacher_forced=False)
@@ -317,11 +331,16 @@ def _train_grpo(state: DemoState) -> None:
         args=args,
         train_dataset=rows,
         processing_class=state.processor,
-        callbacks=[time_limit_callback(state.deadline("grpo"))],
+        callbacks=[
+            time_limit_callback(state.deadline("grpo")),
+            time_progress_callback(state.deadline("grpo"), "GRPO", total=1 if quick else None),
+        ],
     )
     grpo.train()
     state.summary.grpo_steps = int(grpo.state.global_step)
     (state.out / "grpo_log.json").write_text(json.dumps(grpo.state.log_history, indent=1))
+    state.curves["grpo_log"] = grpo.state.log_history
+    plot_training_curves(collect_curves(**state.curves), state.out / "training_curves.png")
 
 
 def _evaluate_final(state: DemoState) -> None:
@@ -353,17 +372,23 @@ def _interpretability_report(state: DemoState) -> None:
     from ..interpret.render import write_report
 
     model, processor, tokenizer = state.model, state.processor, state.tokenizer
+    bar = state.steps_bar("interpretability report", 4)
     labels = build_concept_labels(model, state.sae_batches[:4], tokenizer, top_k=5)
     state.labels_path = save_concept_labels(labels, state.out)
+    bar.update()
     shown = state.held_out[:: max(1, len(state.held_out) // 6)][:6]
     images = [ex["image"] for ex in shown]
     instructions = [ex["instruction"] for ex in shown]
     results = model.segment(images, instructions, processor, max_new_tokens=state.max_new_tokens)
+    bar.update()
     inputs = build_explanation_inputs(processor, images, instructions, [r.text for r in results])
     explanations = explain(model, inputs, tokenizer=tokenizer, concept_labels=labels)
+    bar.update()
     state.report_path = write_report(
         explanations, images, state.out / "interpretability", instructions=instructions
     )
+    bar.update()
+    bar.close()
 
 
 def _export_and_reload(state: DemoState) -> None:
@@ -375,9 +400,11 @@ def _export_and_reload(state: DemoState) -> None:
     from ..training.sae_export import export_model_sae
 
     out, summary = state.out, state.summary
+    bar = state.steps_bar("export and reload", 3)
     # The SAE as fine-tuning left it (SFT and GRPO move it on from its pretraining), in
     # SAELens format; it replaces the pretrained one written by the SAE stage.
     export_model_sae(state.model, out / "sae")
+    bar.update()
     state.export_dir = out / "hub_model"
     overall = summary.end_to_end.get("overall", {})
     export(
@@ -402,6 +429,7 @@ def _export_and_reload(state: DemoState) -> None:
         toy=True,
     )
     example = state.held_out[0]
+    bar.update()
     example["image"].save(out / "reload_example.png")
     try:
         summary.reload_check = reload_in_fresh_process(
@@ -414,6 +442,9 @@ def _export_and_reload(state: DemoState) -> None:
         summary.wall_time_s = round(time.time() - state.start, 1)
         write_summary(summary, out)
         raise
+    finally:
+        bar.update()
+        bar.close()
     summary.reload_check["ok"] = True
     gt = as_mask_array(example["masks"], example["image"].size[1]).astype(bool).any(0)
     pred = np.asarray(summary.reload_check.pop("mask"), dtype=bool)
@@ -501,6 +532,7 @@ def run_demo(
         "hub_model": str(state.export_dir),
         "concept_labels": str(state.labels_path),
         "sae_lens_sae": str(out / "sae"),
+        "training_curves": str(out / "training_curves.png"),
         "reloaded_prediction": str(out / "reloaded_prediction.png"),
         "summary": str(out / "summary.md"),
     }

@@ -1,5 +1,5 @@
-"""Trainer callbacks that run a training stage on wall-clock time: stop at a deadline, show a
-progress bar over the time budget, and schedule the learning rate on time.
+"""Trainer callbacks that run a training stage on wall-clock time: stop at a deadline, count
+its steps in a progress bar (with the time left), and schedule the learning rate on time.
 
 The demo gives each training stage a share of its budget (`run.STAGE_ENDS`); with these
 callbacks a stage ends when its share does, whatever the machine's speed.
@@ -26,31 +26,35 @@ def time_limit_callback(deadline: float) -> Any:
     return StopAtDeadline()
 
 
-def time_progress_callback(deadline: float, description: str, disable: bool = False) -> Any:
-    """A progress bar over the wall-clock budget of a stage (its step count is not known in
-    advance when training runs until a deadline), with the latest loss."""
+def time_progress_callback(
+    deadline: float, description: str, disable: bool = False, total: int | None = None
+) -> Any:
+    """A progress bar that counts a stage's optimiser steps: over ``total`` steps when the
+    step count binds, else (training until `deadline`) a step counter with the seconds left.
+    Its postfix shows the latest logged loss and, for GRPO, the mean reward."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
-    class TimeProgress(TrainerCallback):
+    class StepProgress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-            self.start = time.time()
-            total = max(int(round(deadline - self.start)), 1)
-            self.bar = tqdm(total=total, desc=description, unit="s", disable=disable)
+            self.bar = tqdm(total=total, desc=description, unit="step", disable=disable)
+            self.shown: dict[str, str] = {}
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            done = min(int(time.time() - self.start), self.bar.total)
-            self.bar.update(done - self.bar.n)
-            self.bar.set_postfix(step=state.global_step, refresh=False)
+            self.shown["left"] = f"{max(deadline - time.time(), 0.0):.0f}s"
+            self.bar.set_postfix(self.shown, refresh=False)
+            self.bar.update(state.global_step - self.bar.n)
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-            if logs and "loss" in logs:
-                self.bar.set_postfix(step=state.global_step, loss=f"{logs['loss']:.3f}")
+            for key in ("loss", "reward"):
+                if logs and isinstance(logs.get(key), (int, float)):
+                    self.shown[key] = f"{logs[key]:.3f}"
+            self.bar.set_postfix(self.shown)
 
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
             self.bar.close()
 
-    return TimeProgress()
+    return StepProgress()
 
 
 def time_schedule_callback(deadline: float, warmup_steps: int, min_ratio: float = 0.1) -> Any:

@@ -24,12 +24,14 @@ import os
 import re
 import shlex
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from huggingface_hub import HfApi, ModelCard
+from PIL import Image
 
 from ..loading import write_code_checksums
 from ..pipeline_segcompass import TASK, ReasoningSegmentationPipeline, register_pipeline
@@ -46,6 +48,8 @@ from .model_card import (
 
 logger = logging.getLogger(__name__)
 
+#: The example image of an export (the card's snippets open it, ``app.py`` offers it).
+EXAMPLE_FILE = "example.png"
 #: Where the serving files live (this folder, next to this module).
 SERVING_DIR = Path(__file__).resolve().parent
 #: Files of this folder copied into the export under another name (export name -> file).
@@ -72,14 +76,99 @@ class ExportResult:
         folder: the export folder.
         files: file names in it (sorted).
         card: the model card (also written as ``README.md``).
+        repo_id: the Hub id the card names (None: the card loads the model from `folder`).
     """
 
     folder: Path
     files: list[str]
     card: ModelCard
+    repo_id: str | None = None
 
 
 # --------------------------------------------------------------------------- export
+def _drawn_example() -> Any:
+    """The placeholder example image: a red square on white, 64 x 64."""
+    image = Image.new("RGB", (64, 64), "white")
+    image.paste((220, 30, 30), (16, 16, 40, 40))
+    return image
+
+
+def _example_and_card_kwargs(
+    example: Any, card_kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """Check ``export(example=...)``; return its RGB image and the card arguments it sets."""
+    if example is None:
+        note = (
+            f"The example image (`{EXAMPLE_FILE}`) is drawn: no example was chosen when this "
+            "model was exported, so the model may find nothing in it."
+        )
+        return _drawn_example(), {
+            "example_image": EXAMPLE_FILE, "example_note": note, **card_kwargs
+        }  # fmt: skip
+    if not isinstance(example, (tuple, list)) or len(example) != 2:
+        raise ValueError(
+            "export(example=...): expected a pair (image, instruction), e.g. "
+            f"example=(sample['image'], sample['instruction']), got {type(example).__name__}"
+            + (f" of length {len(example)}" if isinstance(example, (tuple, list)) else "")
+            + "."
+        )
+    image, instruction = example
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(
+            f"export(example=...): the instruction must be a non-empty str, got {instruction!r}."
+        )
+    given = card_kwargs.get("instruction")
+    if given is not None and given != instruction:
+        raise ValueError(
+            f"export: instruction={given!r} and example=(..., {instruction!r}) disagree; give "
+            "the instruction in example only."
+        )
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))
+        ):
+            raise ValueError(
+                "export(example=...): expected a uint8 image array of shape (H, W), (H, W, 3) "
+                f"or (H, W, 4), got {image.dtype} {tuple(image.shape)}."
+            )
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(
+            "export(example=...): expected the image as a PIL image, a uint8 array or a file "
+            f"path, got {type(image).__name__}."
+        )
+    note = (
+        f"The example (`{EXAMPLE_FILE}` and its instruction) is the one chosen when this model "
+        "was exported."
+    )
+    return image.convert("RGB"), {
+        "example_note": note,
+        **card_kwargs,
+        "instruction": instruction.strip(),
+        "example_image": EXAMPLE_FILE,
+    }
+
+
+def _space_app_text(text: str, model_id: str, card_kwargs: Mapping[str, Any]) -> str:
+    """``space_app.py`` with the export's model id, example instruction and generation budget."""
+    values: dict[str, Any] = {
+        "DEFAULT_MODEL_ID": model_id,
+        "EXAMPLE_INSTRUCTION": card_kwargs.get("instruction", DEFAULT_INSTRUCTION),
+    }
+    if card_kwargs.get("max_new_tokens") is not None:
+        values["DEFAULT_MAX_NEW_TOKENS"] = int(card_kwargs["max_new_tokens"])
+    for name, value in values.items():
+        pattern = re.compile(rf"^{name} = .*$", flags=re.MULTILINE)
+        if len(pattern.findall(text)) != 1:
+            raise RuntimeError(f"space_app.py must assign {name} once; this is a bug.")
+        line = f"{name} = {value!r}"
+        text = pattern.sub(lambda _, line=line: line, text, count=1)
+    return text
+
+
 def _remote_imports_package(folder: Path) -> list[str]:
     bad = []
     for path in folder.glob("*.py"):
@@ -94,7 +183,8 @@ def export(
     processor: Any,
     folder: str | os.PathLike,
     *,
-    repo_id: str,
+    repo_id: str | None = None,
+    example: tuple[Any, str] | None = None,
     include_serving: bool = True,
     extra_files: Sequence[str | os.PathLike] = (),
     overwrite: bool = False,
@@ -106,7 +196,14 @@ def export(
         model: a `SegCompassForReasoningSegmentation`.
         processor: its `SegCompassProcessor`.
         folder: where to write (created; must be empty unless ``overwrite``).
-        repo_id: the Hub id it will be pushed to (card snippets, the app's default model).
+        repo_id: the Hub id it will be pushed to. The card's snippets, its serving
+            instructions and ``app.py`` load the model from there; None: from this folder
+            (its absolute path), so that they run before anything is pushed.
+        example: ``(image, instruction)`` shown as the model's example: written as
+            ``example.png``, opened by the card's snippets and offered by ``app.py``. Pick
+            one the model gets right (e.g. a held-out sample it segments). Image: PIL, a
+            uint8 array or a file path. None: a drawn image with a placeholder instruction,
+            which the card marks as such.
         include_serving: also write ``handler.py``, ``app.py`` and ``requirements.txt``.
         extra_files: more files to copy in (e.g. ``concept_labels.json``, a training log).
         overwrite: allow a non-empty folder (files with the same names are replaced).
@@ -118,6 +215,7 @@ def export(
 
     Raises:
         FileExistsError: the folder is not empty and ``overwrite`` is False.
+        ValueError / TypeError: ``example`` is not an (image, instruction) pair.
         RuntimeError: a remote-code file would import this package (the export would not
             load without it).
     """
@@ -127,6 +225,8 @@ def export(
             f"Export folder {str(folder)!r} is not empty; pass overwrite=True or choose an "
             "empty folder."
         )
+    model_id = repo_id or str(folder.resolve())
+    example_image, card_kwargs = _example_and_card_kwargs(example, card_kwargs)
     folder.mkdir(parents=True, exist_ok=True)
     register_pipeline()
     # Saving through the pipeline records `custom_pipelines` in config.json and copies
@@ -142,12 +242,13 @@ def export(
         for target, source in SERVING_FILES.items():
             text = (SERVING_DIR / source).read_text(encoding="utf-8")
             if source == "space_app.py":
-                text = text.replace('DEFAULT_MODEL_ID = ""', f"DEFAULT_MODEL_ID = {repo_id!r}", 1)
+                text = _space_app_text(text, model_id, card_kwargs)
             (folder / target).write_text(text, encoding="utf-8")
         (folder / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n", encoding="utf-8")
     for extra in extra_files:
         shutil.copy2(extra, folder / Path(extra).name)
-    card = build_model_card(model.config, repo_id=repo_id, **card_kwargs)
+    example_image.save(folder / EXAMPLE_FILE)
+    card = build_model_card(model.config, repo_id=model_id, **card_kwargs)
     card.save(folder / "README.md")
 
     bad = _remote_imports_package(folder)
@@ -165,7 +266,7 @@ def export(
     write_code_checksums(folder)
     files = sorted(p.name for p in folder.iterdir())
     logger.info("Exported SegCompass to %s (%d files).", folder, len(files))
-    return ExportResult(folder=folder, files=files, card=card)
+    return ExportResult(folder=folder, files=files, card=card, repo_id=repo_id)
 
 
 def upload_command(folder: str | os.PathLike, repo_id: str) -> str:

@@ -11,6 +11,8 @@ Library side: uses huggingface_hub; never imported by the remote-code files.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,9 @@ CARD_TAGS = (
 #: an instruction in, masks out.
 PIPELINE_TAG = "image-text-to-image"
 DEFAULT_INSTRUCTION = "the red square"
+#: Generation budget of the card's snippets (the default of `model.segment`); an export can
+#: give its model's own (it must cover the reasoning plus the `<REF_POS>` tokens).
+DEFAULT_MAX_NEW_TOKENS = 64
 CITATION = """@inproceedings{segcompass2026,
   title     = {SegCompass: Exploring Interpretable Alignment with Sparse Autoencoders for
                Enhanced Reasoning Segmentation},
@@ -104,40 +109,93 @@ class EvaluationReport:
 
 
 # --------------------------------------------------------------------------- the card
-def usage_snippet(repo_id: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """Python that loads the model from ``repo_id`` and segments a generated image.
+def _literal(text: str) -> str:
+    """``text`` as a Python string literal (double quotes; quotes and backslashes escaped)."""
+    return json.dumps(text)
 
-    It runs as written (the image is drawn in code); the card test executes it.
+
+def is_local_folder(model_id: str) -> bool:
+    """Whether ``model_id`` names an existing folder (then `from_pretrained` reads it, not the Hub)."""
+    return os.path.isdir(model_id)
+
+
+def _image_code(model_id: str, example_image: str | None) -> tuple[list[str], list[str]]:
+    """(import lines, lines that set ``image``) for the snippets.
+
+    With ``example_image`` (a file of the model folder / repo) the snippets open that file:
+    from the folder when ``model_id`` is one, else downloaded from the Hub repo. Without it
+    they draw an image, so that they still run as written.
     """
-    return f'''from PIL import Image
-from transformers import pipeline
-
-pipe = pipeline(model="{repo_id}", trust_remote_code=True)
-
-# any RGB image works; this one is drawn here so the snippet runs as is
-image = Image.new("RGB", (64, 64), "white")
-image.paste((220, 30, 30), (16, 16, 40, 40))
-
-out = pipe(image, "{instruction}", max_new_tokens=48)
-print(out["text"])  # "<think> ... </think> <REF_POS>"
-print(out["scores"], [mask.shape for mask in out["masks"]])  # bool masks at the image size
-print(out["reason"])  # why there is no mask, if there is none
-for slot in out["concept_trace"]:  # which SAE concepts each slot used, and where they fired
-    print(slot["slot"], slot["kept"], [(c["id"], c["tokens"][0]["token"]) for c in slot["concepts"][:3]])'''
+    if example_image is None:
+        return [], [
+            "# any RGB image works; this one is drawn here so the snippet runs as is",
+            'image = Image.new("RGB", (64, 64), "white")',
+            "image.paste((220, 30, 30), (16, 16, 40, 40))",
+        ]
+    if is_local_folder(model_id):
+        path = _literal(os.path.join(model_id, example_image))
+        return [], [f'image = Image.open({path}).convert("RGB")  # the example of the model']
+    return ["from huggingface_hub import hf_hub_download"], [
+        f"image = Image.open(hf_hub_download({_literal(model_id)}, {_literal(example_image)}))"
+        '.convert("RGB")  # the example of the model'
+    ]
 
 
-def lower_level_snippet(repo_id: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+def usage_snippet(
+    repo_id: str,
+    instruction: str = DEFAULT_INSTRUCTION,
+    *,
+    example_image: str | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> str:
+    """Python that loads the model from ``repo_id`` (a Hub id or a folder) and segments the
+    example image (`_image_code`) by ``instruction``.
+
+    It runs as written; the card test executes it.
+    """
+    imports, image_lines = _image_code(repo_id, example_image)
+    lines = [
+        *imports,
+        "from PIL import Image",
+        "from transformers import pipeline",
+        "",
+        f"pipe = pipeline(model={_literal(repo_id)}, trust_remote_code=True)",
+        "",
+        *image_lines,
+        "",
+        f"out = pipe(image, {_literal(instruction)}, max_new_tokens={int(max_new_tokens)})",
+        'print(out["text"])  # "<think> ... </think> <REF_POS>"',
+        'print(out["scores"], [mask.shape for mask in out["masks"]])  # bool masks at the image size',
+        'print(out["reason"])  # why there is no mask, if there is none',
+        'for slot in out["concept_trace"]:  # which SAE concepts each slot used, and where they fired',
+        '    print(slot["slot"], slot["kept"], [(c["id"], c["tokens"][0]["token"]) for c in slot["concepts"][:3]])',
+    ]
+    return "\n".join(lines)
+
+
+def lower_level_snippet(
+    repo_id: str,
+    instruction: str = DEFAULT_INSTRUCTION,
+    *,
+    example_image: str | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> str:
     """Python using `AutoModel` / `AutoProcessor` and `model.segment` directly."""
-    return f'''from PIL import Image
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
-
-image = Image.new("RGB", (64, 64), "white")
-image.paste((220, 30, 30), (16, 16, 40, 40))
-result = model.segment([image], ["{instruction}"], processor=processor, max_new_tokens=48)[0]
-print(result.text, result.masks.shape, result.scores)'''
+    imports, image_lines = _image_code(repo_id, example_image)
+    lines = [
+        *imports,
+        "from PIL import Image",
+        "from transformers import AutoModel, AutoProcessor",
+        "",
+        f"model = AutoModel.from_pretrained({_literal(repo_id)}, trust_remote_code=True).eval()",
+        f"processor = AutoProcessor.from_pretrained({_literal(repo_id)}, trust_remote_code=True)",
+        "",
+        *(line for line in image_lines if not line.startswith("#")),
+        f"result = model.segment([image], [{_literal(instruction)}], processor=processor, "
+        f"max_new_tokens={int(max_new_tokens)})[0]",
+        "print(result.text, result.masks.shape, result.scores)",
+    ]
+    return "\n".join(lines)
 
 
 def _format_number(value: float) -> str:
@@ -200,6 +258,23 @@ def _architecture_summary(config: Any) -> str:
     )
 
 
+def _space_instructions(model_id: str, local: bool) -> str:
+    """How to run the Gradio app for a model loaded from ``model_id``."""
+    if local:
+        app = os.path.join(model_id, "app.py")
+        return (
+            f"`python {app}` serves this folder (`pip install gradio` first). For a Space, "
+            "push the folder to the Hub, copy `app.py` and `requirements.txt` into a Gradio "
+            "Space and set `SEGCOMPASS_MODEL` to the model's repo id (exporting with that "
+            "`repo_id` writes it into this card and `app.py`)."
+        )
+    return (
+        f"Copy `app.py` and `requirements.txt` into a Gradio Space: it serves `{model_id}` "
+        "(set `SEGCOMPASS_MODEL` to serve another) and downloads the example and the concept "
+        "labels from that repo."
+    )
+
+
 def build_model_card(
     config: Any,
     *,
@@ -215,6 +290,9 @@ def build_model_card(
     limitations: str | None = None,
     toy: bool = False,
     instruction: str = DEFAULT_INSTRUCTION,
+    example_image: str | None = None,
+    example_note: str | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     widget_image_url: str | None = None,
     extra_tags: Sequence[str] = (),
     model_name: str | None = None,
@@ -223,7 +301,9 @@ def build_model_card(
 
     Args:
         config: the model's `SegCompassConfig` (architecture summary).
-        repo_id: the Hub id the model is published under (used in the usage snippets).
+        repo_id: where users load the model from: the Hub id it is published under, or the
+            folder it sits in (an existing folder). The usage snippets and the serving
+            instructions load it from there.
         license: an SPDX-like Hub license id.
         base_models: Hub ids of the VLM / SAM / SAE the model was assembled from.
         datasets: Hub ids (or names) of the training data.
@@ -235,7 +315,13 @@ def build_model_card(
         limitations: markdown; default text depends on ``toy``.
         toy: the tiny embedded-default model trained on synthetic shapes.
         instruction: the example instruction (snippets and widget).
-        widget_image_url: an example image URL for the widget metadata.
+        example_image: the file of the model folder / repo that holds the example image
+            (`export` writes ``example.png``); the snippets open it. None: they draw one.
+        example_note: markdown saying what the example is (shown above the usage).
+        max_new_tokens: the snippets' generation budget (enough for the model's reasoning
+            and its `<REF_POS>` tokens).
+        widget_image_url: an example image URL for the widget metadata (default: the
+            example image in the Hub repo, when ``repo_id`` is a Hub id).
         extra_tags: more Hub tags.
         model_name: display name (default: the last part of ``repo_id``).
     """
@@ -268,9 +354,13 @@ def build_model_card(
             )
             for metric, value in report.overall.items()
         ]
+    local = is_local_folder(repo_id)
+    if widget_image_url is None and example_image is not None and not local:
+        widget_image_url = f"https://huggingface.co/{repo_id}/resolve/main/{example_image}"
     widget: dict[str, Any] = {"text": instruction}
     if widget_image_url:
         widget["src"] = widget_image_url
+    snippet_args = {"example_image": example_image, "max_new_tokens": max_new_tokens}
     data = ModelCardData(
         license=license,
         library_name="transformers",
@@ -319,14 +409,14 @@ only `torch` and `transformers` are needed to use it.
 
 ## Usage
 
-```python
-{usage_snippet(repo_id, instruction)}
+{(example_note.strip() + chr(10) + chr(10)) if example_note else ""}```python
+{usage_snippet(repo_id, instruction, **snippet_args)}
 ```
 
 Lower level, with the model and processor:
 
 ```python
-{lower_level_snippet(repo_id, instruction)}
+{lower_level_snippet(repo_id, instruction, **snippet_args)}
 ```
 
 **Which call.** The pipeline of this model is the custom `reasoning-segmentation` pipeline,
@@ -366,7 +456,8 @@ The Hub widget does not run custom code (metadata is kept for discovery). To ser
   `requirements.txt`. Send `{{"inputs": {{"image": "<base64>", "instruction": "..."}}}}`;
   masks come back as COCO run-length encoding.
 - **Space**: `app.py` is a Gradio app (image upload, instruction, mask overlay, chain of
-  thought, concept trace). Copy it into a Gradio Space and set `SEGCOMPASS_MODEL={repo_id}`.
+  thought, concept trace with image patches as `patch(row,col)` and the concept labels of
+  `concept_labels.json`, the model's example as a ready input). {_space_instructions(repo_id, local)}
 
 ## Limitations
 

@@ -30,8 +30,12 @@ except ImportError:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-#: Replaced by `hub.export` with the repo id the model is pushed to.
+#: Replaced by `hub.export` with the repo id the model is pushed to (or the export folder).
 DEFAULT_MODEL_ID = ""
+#: Replaced by `hub.export` with the instruction of the model's example (``example.png``).
+EXAMPLE_INSTRUCTION = ""
+#: The generation budget the app starts with (`hub.export` may set the model's own).
+DEFAULT_MAX_NEW_TOKENS = 96
 #: One colour per mask (RGB), cycled.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75),
@@ -161,7 +165,9 @@ def build_demo(pipe: Any, *, title: str = "SegCompass: reasoning segmentation") 
                 image = gr.Image(type="pil", label="Image")
                 instruction = gr.Textbox(label="Instruction", placeholder="the largest red shape")
                 threshold = gr.Slider(-5.0, 5.0, value=0.5, step=0.1, label="Confidence logit")
-                max_new_tokens = gr.Slider(8, 512, value=96, step=8, label="Max new tokens")
+                max_new_tokens = gr.Slider(
+                    8, 512, value=DEFAULT_MAX_NEW_TOKENS, step=8, label="Max new tokens"
+                )
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
                 overlay = gr.Image(type="numpy", label="Masks")

@@ -477,7 +477,7 @@ def train_sae(
     tokens_seen, losses, epoch = 0, [], 0
     sae.train()
     batches = _as_batches(activations, batch_size, seed=seed, shuffle=True)
-    bar = tqdm(range(steps), desc="training SAE", disable=not progress)
+    bar = tqdm(range(steps), desc="training SAE", unit="step", disable=not progress)
     for _step in bar:
         batch = next(batches, None)
         if batch is None:  # one pass done: reshuffle with a new seed

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,15 +53,17 @@ class ImageDependence:
 
 @dataclass
 class VLMPretrainingReport:
-    """What `pretrain_vlm` did: steps, seconds and the first / last logged training loss."""
+    """What `pretrain_vlm` did: steps, seconds and the first / last logged training loss;
+    ``losses`` holds the loss of every step (for a loss curve; not in `to_dict`)."""
 
     steps: int
     seconds: float
     first_loss: float
     final_loss: float
+    losses: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "losses"}
 
 
 def _vlm_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -76,7 +78,12 @@ def _lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def image_dependence(
-    model: Any, examples: Sequence[dict[str, Any]], processor: Any, *, batch_size: int = 32
+    model: Any,
+    examples: Sequence[dict[str, Any]],
+    processor: Any,
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> ImageDependence:
     """LM loss of the gold responses with the right images vs with the images rotated by one
     within each batch (every batch needs >= 2 examples; a last batch of 1 is dropped).
@@ -86,14 +93,18 @@ def image_dependence(
         examples: dicts with the collator's keys (image, instruction, response, masks,
             num_objects).
         processor: the model's `SegCompassProcessor`.
+        progress: show a bar over the batches.
     """
+    from tqdm.auto import tqdm
+
     collator = SegCompassCollator(processor)
     was_training = model.training
     model.eval()
     right = other = 0.0
     count = 0
+    starts = range(0, len(examples), batch_size)
     try:
-        for start in range(0, len(examples), batch_size):
+        for start in tqdm(starts, desc="image dependence", unit="batch", disable=not progress):
             chunk = list(examples[start : start + batch_size])
             if len(chunk) < 2:
                 continue
@@ -154,9 +165,9 @@ def pretrain_vlm(
     if progress:
         from tqdm.auto import tqdm
 
-        # with a deadline the step count is open-ended: a bar over the seconds instead
-        total, unit = (max_steps, "step") if budget is None else (max(round(budget), 1), "s")
-        bar = tqdm(total=total, desc="VLM pretraining (image descriptions)", unit=unit)
+        # with a deadline the step count is open-ended: a step counter with the time left
+        total = max_steps if budget is None else None
+        bar = tqdm(total=total, desc="VLM pretraining (image descriptions)", unit="step")
     step = 0
     try:
         while step < max_steps:
@@ -185,9 +196,11 @@ def pretrain_vlm(
             losses.append(loss.item())
             step += 1
             if bar is not None:
-                done_units = step if budget is None else int(time.time() - start)
-                bar.update(min(done_units, bar.total) - bar.n)
-                bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}")
+                postfix = {"loss": f"{np.mean(losses[-20:]):.3f}"}
+                if deadline is not None:
+                    postfix["left"] = f"{max(deadline - time.time(), 0.0):.0f}s"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -198,4 +211,5 @@ def pretrain_vlm(
         seconds=round(time.time() - start, 1),
         first_loss=float(np.mean(losses[:window])) if losses else float("nan"),
         final_loss=float(np.mean(losses[-window:])) if losses else float("nan"),
+        losses=losses,
     )

@@ -420,6 +420,36 @@ def test_grpo_runs_a_step_and_saves_the_updated_model(capsys, model_dir, tmp_pat
     assert any(k.startswith("codebook.") for k in changed)
 
 
+def _tensorboard_scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = folder.glob("runs/*/events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+def test_sft_and_grpo_report_to_tensorboard_while_training(capsys, model_dir, tmp_path):
+    code, out, err = run(
+        capsys, "sft", "--model", model_dir, "--data", "synthetic[:4]", "--output",
+        tmp_path / "sft", "--steps", "2", "--batch-size", "2", "--logging-steps", "1",
+        "--no-progress", "--device", "cpu", "--report-to", "tensorboard",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "tensorboard --logdir" in out
+    assert {"train/loss", "train/seg_loss", "train/learning_rate"} <= _tensorboard_scalars(
+        tmp_path / "sft"
+    )
+    code, out, err = run(
+        capsys, "grpo", "--model", model_dir, "--data", "synthetic[:4]", "--output",
+        tmp_path / "grpo", "--steps", "1", "--batch-size", "4", "--num-generations", "2",
+        "--max-completion-length", "6", "--logging-steps", "1", "--no-progress", "--device",
+        "cpu", "--report-to", "tensorboard",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "train/reward" in _tensorboard_scalars(tmp_path / "grpo")
+
+
 def test_grpo_mask_loss_completions_reaches_the_trainer(capsys, model_dir, tmp_path):
     out_dir = tmp_path / "grpo"
     code, out, err = run(
@@ -490,6 +520,8 @@ def test_grpo_resume_continues_the_stopped_run(capsys, model_dir, tmp_path):
         (["grpo", "--lr-multipliers", "{bad"], "JSON"),
         (["sft", "--steps", "0"], "--steps must be >= 1"),
         (["sft", "--data", "nowhere:/x"], "neither a known form"),
+        (["sft", "--report-to", "tensorbored"], "unknown integration(s) ['tensorbored']"),
+        (["grpo", "--report-to", "wandb"], "not installed here"),
     ],
 )
 def test_bad_options_exit_2_before_any_work(capsys, model_dir, tmp_path, argv, message):

@@ -22,9 +22,29 @@ def assert_final_sae_exported(demo):
         assert torch.equal(tensor, final[f"sae.{name}"]), name
 
 
+#: The progress bar of each demo stage (its tqdm description).
+STAGE_BARS = ("data and tokenizer", "VLM pretraining", "caching activations", "training SAE",
+              "supervised warm-up", "image dependence", "eval", "GRPO",
+              "interpretability report", "export and reload")  # fmt: skip
+
+
+def assert_every_stage_counts_steps(stderr):
+    """Each stage draws a bar; bars count steps, none counts budget seconds ("1.01s/s")."""
+    import re
+
+    for name in STAGE_BARS:
+        assert re.search(rf"{name}[^:]*: ", stderr), name
+    assert not re.search(r"\ds/s\b", stderr)
+    assert re.search(r"supervised warm-up: 100%.* 3/3 ", stderr)
+    assert re.search(r"training SAE: 100%.* 20/20 ", stderr)
+
+
 @pytest.mark.slow
-def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path):
+def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path, capfd):
     summary = run_demo(tmp_path / "demo", minutes=2, quick=True, seed=0)
+    assert_every_stage_counts_steps(capfd.readouterr().err)
+    curves = tmp_path / "demo" / "training_curves.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     expected_stages = {
         "data", "vlm_pretraining", "sae_pretraining", "supervised_warmup", "eval_warmup", "grpo", "evaluation",
         "interpretability", "export_and_reload",
@@ -139,3 +159,45 @@ def test_reload_step_refuses_a_folder_without_an_export(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         reload_in_fresh_process(Path("nothing_here"), Path("x.png"), "the red square", 6)
+
+
+def test_step_progress_counts_steps_with_the_time_left(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import modeling_segcompass.demo.schedule as schedule
+
+    monkeypatch.setattr(schedule.time, "time", lambda: 100.0)
+    callback = schedule.time_progress_callback(deadline=160.0, description="GRPO")
+    state = SimpleNamespace(global_step=0)
+    callback.on_train_begin(None, state, None)
+    for step in (1, 2, 3):
+        state.global_step = step
+        callback.on_log(None, state, None, logs={"loss": 0.5, "reward": 0.25})
+        callback.on_step_end(None, state, None)
+    assert callback.bar.n == 3 and callback.bar.total is None and callback.bar.unit == "step"
+    assert callback.shown == {"left": "60s", "loss": "0.500", "reward": "0.250"}
+    callback.on_train_end(None, state, None)
+    assert "GRPO: 3step" in capsys.readouterr().err
+
+
+def test_training_curves_draw_a_panel_per_stage_from_the_logs(tmp_path):
+    from modeling_segcompass.demo.curves import collect_curves, plot_training_curves
+
+    curves = collect_curves(
+        vlm_losses=[3.0, 2.0, 1.5],
+        sae_losses=[1.0, 0.5],
+        sft_log=[{"step": 1, "loss": 2.0, "seg_loss": 1.0}, {"step": 2, "loss": 1.5}],
+        grpo_log=[{"step": 1, "reward": 0.2, "rewards/multi_object_mask_reward/mean": 0.1,
+                   "seg_loss": 0.7}],
+    )  # fmt: skip
+    assert curves["supervised warm-up"] == {
+        "total loss": [(1.0, 2.0), (2.0, 1.5)],
+        "segmentation": [(1.0, 1.0)],
+    }
+    assert curves["GRPO rewards"] == {"total reward": [(1.0, 0.2)], "mask reward": [(1.0, 0.1)]}
+    assert curves["VLM pretraining (image descriptions)"]["LM loss"][-1] == (3.0, 1.5)
+    path = plot_training_curves(curves, tmp_path / "curves.png")
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.size == (1500, 720)

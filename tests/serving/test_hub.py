@@ -76,10 +76,11 @@ def exported(parts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported_here(parts, tmp_path_factory):
-    """An export whose card loads the model from the folder itself (runs offline)."""
+    """An export without a repo id: its card loads the model from the folder (runs offline)."""
     model, processor = parts
     folder = tmp_path_factory.mktemp("export-here") / "model"
-    return export(model, processor, folder, repo_id=str(folder), toy=True)
+    picture = np.random.default_rng(11).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    return export(model, processor, folder, example=(picture, "the red square"), toy=True)
 
 
 # Pipeline tags for which the Hub's "Use this model" button writes
@@ -151,6 +152,58 @@ def test_export_refuses_a_non_empty_folder(parts, tmp_path):
         export(*parts, tmp_path, repo_id=REPO_ID)
 
 
+def test_export_without_a_repo_id_names_the_folder_everywhere(parts, tmp_path):
+    """No made-up repo id: the snippets, app.py and the Space instructions load the folder."""
+    result = export(*parts, tmp_path / "model", toy=True)
+    folder = str((tmp_path / "model").resolve())
+    assert result.repo_id is None
+    card = (tmp_path / "model" / "README.md").read_text()
+    app = (tmp_path / "model" / "app.py").read_text()
+    for text in (card, app):
+        assert "local/" not in text
+    assert f"DEFAULT_MODEL_ID = {folder!r}" in app
+    blocks = extract_python_blocks(card)
+    assert len(blocks) == 2 and all(f'"{folder}"' in block for block in blocks)
+    assert f"`python {folder}/app.py` serves this folder" in card
+    # the drawn placeholder example is written and marked as such
+    assert "example.png" in result.files and "is drawn" in card
+
+
+def test_export_shows_the_example_it_is_given(parts, tmp_path):
+    picture = np.random.default_rng(7).integers(0, 256, (24, 36, 3), dtype=np.uint8)
+    instruction = "the shape you would roll down a hill"
+    result = export(*parts, tmp_path / "model", repo_id=REPO_ID, example=(picture, instruction),
+                    max_new_tokens=80)  # fmt: skip
+    folder = result.folder
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "example.png")), picture)
+    card = ModelCard.load(folder / "README.md")
+    url = f"https://huggingface.co/{REPO_ID}/resolve/main/example.png"
+    assert card.data.widget == [{"text": instruction, "src": url}]
+    blocks = extract_python_blocks(card.text)
+    for block in blocks:
+        assert f'hf_hub_download("{REPO_ID}", "example.png")' in block
+        assert f'"{instruction}"' in block and "max_new_tokens=80" in block
+    assert "chosen when this model was exported" in card.text and "is drawn" not in card.text
+    app = (folder / "app.py").read_text()
+    assert f"EXAMPLE_INSTRUCTION = {instruction!r}" in app
+    assert "DEFAULT_MAX_NEW_TOKENS = 80" in app
+    assert f"it serves `{REPO_ID}`" in card.text
+
+
+def test_export_refuses_a_bad_example_before_writing(parts, tmp_path):
+    picture = np.zeros((8, 8, 3), dtype=np.uint8)
+    for example, match in (
+        (picture, "pair"),
+        ((picture, "x", "y"), "pair"),
+        ((picture, "  "), "non-empty str"),
+        ((picture.astype(float), "x"), "uint8"),
+        ((b"bytes", "x"), "PIL image"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            export(*parts, tmp_path / "model", example=example)
+        assert not (tmp_path / "model").exists()
+
+
 def test_card_parses_and_holds_the_run_facts(exported):
     card = ModelCard.load(exported.folder / "README.md")
     data = card.data
@@ -161,7 +214,8 @@ def test_card_parses_and_holds_the_run_facts(exported):
     assert "**Which call.**" in card.text and 'pipeline("reasoning-segmentation"' in card.text
     assert data.base_model == ["Qwen/Qwen2.5-VL-7B-Instruct"]
     assert data.datasets == ["synthetic-shapes"]
-    assert data.widget == [{"text": "the red square"}]
+    url = f"https://huggingface.co/{REPO_ID}/resolve/main/example.png"
+    assert data.widget == [{"text": "the red square", "src": url}]  # the drawn example
     # metrics: exactly the given floats (None and counts left out), with the dataset named
     results = {r.metric_type: r for r in data.eval_results}
     assert set(results) == {"gIoU", "cIoU", "T-acc"}
@@ -266,8 +320,11 @@ def test_export_works_in_a_fresh_process_without_the_package(exported_here, pipe
     card = ModelCard.load(folder / "README.md")
     snippets = extract_python_blocks(card.text)  # as written, nothing replaced
     assert len(snippets) == 2 and all("trust_remote_code=True" in s for s in snippets)
-    hub_snippets = hub_use_this_model_snippets(card.data.pipeline_tag, str(folder))
-    snippets += hub_snippets
+    assert all(f"{folder.resolve()}/example.png" in s for s in snippets)
+    # a card without an example draws its image in the snippets
+    drawn = build_model_card(pipe.model.config, repo_id=str(folder))
+    snippets += extract_python_blocks(drawn.text)
+    snippets += hub_use_this_model_snippets(card.data.pipeline_tag, str(folder))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
     result = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(folder), json.dumps(snippets)],

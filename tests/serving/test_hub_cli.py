@@ -48,3 +48,15 @@ def test_export_prints_an_upload_command_the_installed_cli_accepts(capsys, model
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "REPO_ID" in done.stdout and "LOCAL_PATH" in done.stdout
+
+
+def test_export_without_a_repo_id_names_the_folder_not_a_made_up_repo(capsys, model_dir, tmp_path):
+    out_dir = tmp_path / "hub"
+    code = main(["export", "--model", str(model_dir), "--output", str(out_dir)])
+    out = capsys.readouterr().out
+    assert code == 0
+    folder = str(out_dir.resolve())
+    for name in ("README.md", "app.py"):
+        text = (out_dir / name).read_text()
+        assert "local/" not in text and folder in text, name
+    assert "--repo-id NAME" in out and "hf upload NAME" in out
