@@ -348,7 +348,7 @@ def _add_export_parser(subparsers: Any) -> None:
     ex.add_argument("--output", required=True, help="export folder (created; must be empty)")
     ex.add_argument(
         "--repo-id", default=None,
-        help="Hub id used in the card's snippets and app.py (default: local/<output name>)",
+        help="Hub id used in the card's snippets and app.py (default: the --output folder)",
     )  # fmt: skip
     ex.add_argument(
         "--eval-json", default=None, help="metrics JSON written by 'segcompass eval' for the card"

@@ -391,6 +391,29 @@ def _interpretability_report(state: DemoState) -> None:
     bar.close()
 
 
+def _pick_example(state: DemoState, candidates: int = 32) -> tuple[dict[str, Any], float]:
+    """The card's and the Space's example: the first of the first ``candidates`` held-out
+    samples with an object that the model segments with IoU >= 0.5 (else the best of them),
+    and its IoU."""
+    from ..data.synthetic import as_mask_array
+
+    rows = [ex for ex in state.held_out[:candidates] if len(ex["masks"])] or state.held_out[:1]
+    results = state.model.segment(
+        [ex["image"] for ex in rows], [ex["instruction"] for ex in rows], state.processor,
+        max_new_tokens=state.max_new_tokens,
+    )  # fmt: skip
+    scored = []
+    for ex, result in zip(rows, results):
+        gt = as_mask_array(ex["masks"], ex["image"].size[1]).astype(bool).any(0)
+        pred = result.masks.numpy().astype(bool).any(0) if len(result.masks) else np.zeros_like(gt)
+        union = np.logical_or(pred, gt).sum()
+        scored.append((float(np.logical_and(pred, gt).sum() / union) if union else 1.0, ex))
+        if scored[-1][0] >= 0.5:
+            return ex, scored[-1][0]
+    iou, ex = max(scored, key=lambda pair: pair[0])
+    return ex, iou
+
+
 def _export_and_reload(state: DemoState) -> None:
     """The final SAE in SAELens format, the Hub-ready folder, then reload it through remote
     code in a fresh process and segment a held-out image; the IoU with its gold mask and the
@@ -407,11 +430,17 @@ def _export_and_reload(state: DemoState) -> None:
     bar.update()
     state.export_dir = out / "hub_model"
     overall = summary.end_to_end.get("overall", {})
+    example, example_iou = _pick_example(state)
     export(
         state.model,
         state.processor,
-        state.export_dir,
-        repo_id="local/segcompass-tiny-synthetic",
+        state.export_dir,  # no repo id: the card and app.py load this folder
+        example=(example["image"], example["instruction"]),
+        example_note=(
+            "The example is a held-out sample of the synthetic world; the exported model "
+            f"segments it with IoU {example_iou:.2f}."
+        ),
+        max_new_tokens=state.max_new_tokens,
         overwrite=True,
         extra_files=[state.labels_path],
         datasets=[],
@@ -428,7 +457,6 @@ def _export_and_reload(state: DemoState) -> None:
         },
         toy=True,
     )
-    example = state.held_out[0]
     bar.update()
     example["image"].save(out / "reload_example.png")
     try:
