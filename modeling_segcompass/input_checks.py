@@ -23,6 +23,16 @@ from typing import Any, NoReturn
 import torch
 
 
+def position_limit(model: Any) -> int | None:
+    """The VLM's ``max_position_embeddings`` (of its text model), None when it names none."""
+    config = getattr(getattr(model, "vlm", None), "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def _fail(message: str) -> NoReturn:
     raise ValueError(f"SegCompassForReasoningSegmentation.forward: {message}")
 
@@ -60,6 +70,13 @@ def check_forward_inputs(
     batch, length = input_ids.shape
     if batch == 0 or length == 0:
         _fail(f"`input_ids` is empty (shape {tuple(input_ids.shape)}); pass at least one token.")
+    limit = position_limit(model)
+    if limit is not None and length > limit:
+        _fail(
+            f"`input_ids` has {length} positions but the VLM has max_position_embeddings={limit}; "
+            "shorten the instruction or response, use a smaller image, or a VLM with more "
+            "positions."
+        )
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         _fail(f"`input_ids` must hold integer token ids; got dtype {input_ids.dtype}.")
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):

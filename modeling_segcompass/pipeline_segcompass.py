@@ -26,6 +26,7 @@ from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .answer_format import AnswerTokenIds, grounding_problem, parse_answer_ids
+from .input_checks import position_limit
 
 logger = logging.getLogger(__name__)
 
@@ -144,16 +145,6 @@ def concept_trace(
 
 
 # --------------------------------------------------------------------------- segment
-def position_limit(model: Any) -> int | None:
-    """The VLM's ``max_position_embeddings`` (of its text model), None when it names none."""
-    config = getattr(getattr(model, "vlm", None), "config", None)
-    if config is None:
-        return None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) and limit > 0 else None
-
-
 def check_prompt_lengths(
     model: Any,
     input_ids: torch.Tensor,

@@ -354,3 +354,15 @@ def test_16_bit_images_are_read_by_type_not_by_values(setup):
     assert processor(dark, "x")["sam_pixel_values"].equal(
         processor(dark.astype(np.uint8), "x")["sam_pixel_values"]
     )
+
+
+def test_forward_refuses_a_sequence_longer_than_the_vlms_positions():
+    model = build_tiny_model()
+    limit = model.vlm.config.get_text_config().max_position_embeddings
+    batch = make_batch(model.config, [1])
+    ids = batch["input_ids"]
+    pad = torch.full((1, limit + 1 - ids.shape[1]), 30, dtype=ids.dtype)
+    batch["input_ids"] = torch.cat([ids, pad], dim=1)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    with pytest.raises(ValueError, match=rf"{limit + 1} positions but the VLM has max_position"):
+        model(**batch)
