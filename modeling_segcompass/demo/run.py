@@ -429,7 +429,6 @@ def _export_and_reload(state: DemoState) -> None:
     export_model_sae(state.model, out / "sae")
     bar.update()
     state.export_dir = out / "hub_model"
-    overall = summary.end_to_end.get("overall", {})
     example, example_iou = _pick_example(state)
     export(
         state.model,
@@ -444,11 +443,7 @@ def _export_and_reload(state: DemoState) -> None:
         overwrite=True,
         extra_files=[state.labels_path],
         datasets=[],
-        evaluation={
-            "gIoU": overall.get("gIoU"),
-            "cIoU": overall.get("cIoU"),
-            "N-acc": overall.get("N-acc"),
-        },
+        evaluation=summary.end_to_end,  # every metric (T-acc too), overall and per family
         eval_dataset_name="synthetic reasoning-segmentation world (held-out)",
         training={
             "SFT steps": summary.sft_steps,
@@ -497,6 +492,15 @@ STAGES: tuple[tuple[Callable[[DemoState], None], str | None], ...] = (
     (_interpretability_report, "interpretability"),
     (_export_and_reload, "export_and_reload"),
 )
+
+
+def _remove_empty_folders(out: Path) -> None:
+    """Remove the empty folders under ``out``: the trainers create their output folders
+    (sft/, grpo/) for checkpoints that the demo does not save."""
+    folders = sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+    for folder in folders:
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def run_demo(
@@ -552,6 +556,7 @@ def run_demo(
         stage(state)
         if name is not None:
             state.stage_done(name)
+    _remove_empty_folders(out)
 
     summary = state.summary
     summary.files = {

@@ -54,8 +54,16 @@ EXAMPLE_FILE = "example.png"
 SERVING_DIR = Path(__file__).resolve().parent
 #: Files of this folder copied into the export under another name (export name -> file).
 SERVING_FILES = {"app.py": "space_app.py", "handler.py": "endpoint_handler.py"}
-#: What the endpoint / Space installs (``requirements.txt``); gradio comes with the Space SDK.
-REQUIREMENTS = ("torch", "transformers>=5.0", "numpy", "pillow")
+#: What the endpoint / Space installs (``requirements.txt``): the ranges of this package's own
+#: core requirements in setup.py (a test keeps them equal); gradio comes with the Space SDK.
+REQUIREMENTS = (
+    "torch>=2.6",
+    "transformers>=5.23,<6",
+    "huggingface-hub>=1.0",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "pillow>=10",
+)
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _REQUIRED_FILES = (
     "config.json",

@@ -12,6 +12,7 @@ Library side: uses huggingface_hub; never imported by the remote-code files.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,11 @@ CITATION = """@inproceedings{segcompass2026,
 }"""
 
 
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+#: The metrics of `evaluation.metrics` (paper names), kept in the card whatever their number type.
+METRIC_NAMES = ("gIoU", "cIoU", "N-acc", "T-acc")
+
+
 @dataclass
 class EvaluationReport:
     """Evaluation numbers for the card, normalised from a dict or a `MetricsResult`.
@@ -68,12 +74,17 @@ class EvaluationReport:
 
     @staticmethod
     def _metrics(values: Mapping[str, Any]) -> dict[str, float]:
-        # metrics are floats; ints are sample counts, None means undefined (e.g. no no-target)
-        return {
-            str(k): float(v)
-            for k, v in values.items()
-            if isinstance(v, float) and not isinstance(v, bool)
-        }
+        # Metrics are real numbers (Python or numpy floats); other ints are sample counts, and
+        # None means undefined (e.g. N-acc without no-target samples). A metric of
+        # `METRIC_NAMES` counts whatever its number type: a T-acc of 1 written as an int.
+        out = {}
+        for key, value in values.items():
+            if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
+                continue
+            if isinstance(value, numbers.Integral) and str(key) not in METRIC_NAMES:
+                continue
+            out[str(key)] = float(value)
+        return out
 
     @classmethod
     def from_any(
@@ -258,6 +269,20 @@ def _architecture_summary(config: Any) -> str:
     )
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub repo id (``owner/name``, or a bare ``name``) rather than
+    a local path or a description. The card's metadata keeps only those (the Hub refuses a
+    card whose ``base_model`` is not a repo id); the body lists every source."""
+    return bool(_HUB_ID.fullmatch(name)) and not os.path.exists(name)
+
+
+def _source_list(names: Sequence[str], url: str) -> str:
+    """Markdown list of base models / datasets, Hub ids linked; "none recorded" when empty."""
+    if not names:
+        return "- none recorded"
+    return "\n".join(f"- [`{n}`]({url}{n})" if is_hub_id(n) else f"- `{n}`" for n in names)
+
+
 def _space_instructions(model_id: str, local: bool) -> str:
     """How to run the Gradio app for a model loaded from ``model_id``."""
     if local:
@@ -305,8 +330,9 @@ def build_model_card(
             folder it sits in (an existing folder). The usage snippets and the serving
             instructions load it from there.
         license: an SPDX-like Hub license id.
-        base_models: Hub ids of the VLM / SAM / SAE the model was assembled from.
-        datasets: Hub ids (or names) of the training data.
+        base_models: Hub ids of the VLM / SAM / SAE the model was assembled from (other
+            names, e.g. local paths, are listed in the text but left out of the metadata).
+        datasets: Hub ids (or names) of the training data (the same rule).
         evaluation: metrics as `EvaluationReport.from_any` accepts them; they go to the
             card metadata (``model-index``) and to a table. Never invented: without it the
             card says there are no numbers.
@@ -366,8 +392,8 @@ def build_model_card(
         library_name="transformers",
         pipeline_tag=PIPELINE_TAG,
         tags=tags,
-        base_model=list(base_models) or None,
-        datasets=list(datasets) or None,
+        base_model=[b for b in base_models if is_hub_id(b)] or None,
+        datasets=[d for d in datasets if is_hub_id(d)] or None,
         eval_results=eval_results,
         model_name=name,
         widget=[widget],
@@ -390,11 +416,8 @@ def build_model_card(
             "- The Hub's inference widget cannot run custom code: use the pipeline, the "
             "Inference Endpoint handler or the Gradio app below.\n"
         )
-    base_list = (
-        "\n".join(f"- [`{b}`](https://huggingface.co/{b})" for b in base_models)
-        if base_models
-        else "- none recorded"
-    )
+    base_list = _source_list(base_models, "https://huggingface.co/")
+    data_list = _source_list(datasets, "https://huggingface.co/datasets/")
     body = f"""
 # {name}
 
@@ -436,6 +459,9 @@ The output of the pipeline: `masks` (a list of `(H, W)` bool arrays, one per obj
 {_architecture_summary(config)}
 Base models:
 {base_list}
+
+Training data:
+{data_list}
 
 {_training_section(training)}
 {_evaluation_section(report)}

@@ -1,20 +1,26 @@
 """Gradio demo of a SegCompass model (exported as ``app.py``, ready for a Hugging Face Space).
 
-Upload an image, type an instruction, and see the masks over the image, the chain of thought
-and the concept trace (which SAE concepts each slot gathered, and on which tokens).
+Upload an image (or pick the model's example), type an instruction, and see the masks over
+the image, the chain of thought and the concept trace: which SAE concepts each slot gathered,
+with their labels from the model's ``concept_labels.json``, and the tokens they fired on, image
+tokens named ``patch(row,col)`` on the merged patch grid as the ``segcompass`` CLI names them.
 
 The work is in `segment_for_demo`, a plain function (no gradio needed, so it is tested
 directly); `build_demo` wraps it in `gr.Blocks`. Which model: the ``SEGCOMPASS_MODEL``
 environment variable (a Hub id or folder), else the folder this file sits in (the export
 puts it next to the model), else `DEFAULT_MODEL_ID` (set by the export to the repo id).
 
-Run: ``pip install gradio`` then ``python app.py``. In a Space: copy ``app.py``, add
-``requirements.txt`` with torch, transformers, pillow, and set ``SEGCOMPASS_MODEL`` to the
-model repo id.
+Run: ``pip install gradio`` then ``python app.py``. In a Space: copy ``app.py`` and the
+export's ``requirements.txt``, and set ``SEGCOMPASS_MODEL`` to the model repo id unless the
+export named it; the example image and the concept labels are read from the model's folder or
+downloaded from its repo.
+
+Remote file of the export: standard library, numpy, PIL, transformers, huggingface_hub, gradio.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -36,6 +42,11 @@ DEFAULT_MODEL_ID = ""
 EXAMPLE_INSTRUCTION = ""
 #: The generation budget the app starts with (`hub.export` may set the model's own).
 DEFAULT_MAX_NEW_TOKENS = 96
+#: The example image of an export (next to this file, or a file of the model folder / repo).
+EXAMPLE_IMAGE = "example.png"
+#: The concept-label side file of a model folder (written by `interpret.labels`).
+CONCEPT_LABELS_FILE = "concept_labels.json"
+_CONCEPT_LABELS_FORMAT = "segcompass-concept-labels"
 #: One colour per mask (RGB), cycled.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75),
@@ -114,16 +125,65 @@ def format_answer(output: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def visual_token_names(processor: Any, image: Any, instruction: str) -> dict[int, str]:
+    """Position -> ``"patch(row,col)"`` for the image tokens of the prompt the pipeline builds.
+
+    The processor encodes ``image`` and ``instruction`` as the pipeline does, so positions
+    match those of the concept trace. Image ``(t, h, w)`` raw patches become
+    ``t * (h / m) * (w / m)`` tokens, ``m`` the merge size, laid out row-major.
+    """
+    encoded = processor(images=[image], instructions=[instruction], return_tensors="pt")
+    image_id = getattr(processor, "image_token_id", None)
+    grid = encoded.get("image_grid_thw")
+    if image_id is None or grid is None:
+        return {}
+    _, height, width = (int(v) for v in grid[0])
+    merge = int(getattr(processor, "merge_size", 1) or 1)
+    cols = max(width // merge, 1)
+    per_frame = max(height // merge, 1) * cols
+    names, index = {}, 0
+    for position, token_id in enumerate(encoded["input_ids"][0].tolist()):
+        if token_id == image_id:
+            row, col = divmod(index % per_frame, cols)
+            names[position] = f"patch({row},{col})"
+            index += 1
+    return names
+
+
+def readable_trace(
+    trace: list[dict[str, Any]], token_names: dict[int, str], labels: dict[int, str]
+) -> list[dict[str, Any]]:
+    """The pipeline's concept trace with the names a reader needs: each token at a position
+    of ``token_names`` renamed (``patch(row,col)`` for image tokens) and each concept given
+    its ``label`` (None when ``labels`` does not name it). The input is left unchanged."""
+    out = copy.deepcopy(trace)
+    for slot in out:
+        for concept in slot.get("concepts", []):
+            concept["label"] = labels.get(int(concept["id"]))
+            for token in concept.get("tokens", []):
+                if token.get("position") in token_names:
+                    token["token"] = token_names[token["position"]]
+    return out
+
+
 def segment_for_demo(
-    pipe: Any, image: Any, instruction: str, *, alpha: float = 0.5, **pipe_kwargs: Any
+    pipe: Any,
+    image: Any,
+    instruction: str,
+    *,
+    alpha: float = 0.5,
+    concept_labels: dict[int, str] | None = None,
+    **pipe_kwargs: Any,
 ) -> DemoResult:
     """Run the pipeline on one image and build what the demo shows.
 
     Args:
-        pipe: a ``reasoning-segmentation`` pipeline (or any callable with its output format).
+        pipe: a ``reasoning-segmentation`` pipeline (or any callable with its output format;
+            image tokens are named ``patch(row,col)`` when it has a ``processor``).
         image: PIL image or uint8 array.
         instruction: the instruction.
         alpha: mask opacity of the overlay.
+        concept_labels: latent id -> label (`load_concept_labels`), shown in the trace.
         **pipe_kwargs: passed to the pipeline (``max_new_tokens``, thresholds, ...).
     """
     if image is None:
@@ -133,13 +193,34 @@ def segment_for_demo(
     rgb = to_rgb_array(image)
     output = pipe(rgb, instruction.strip(), **pipe_kwargs)
     overlay = overlay_masks(rgb, output.get("masks") or [], alpha=alpha)
-    trace = json.dumps(output.get("concept_trace") or [], indent=2)
-    return DemoResult(overlay=overlay, text=format_answer(output), trace_json=trace)
+    processor = getattr(pipe, "processor", None)
+    names = {} if processor is None else visual_token_names(processor, rgb, instruction.strip())
+    trace = readable_trace(output.get("concept_trace") or [], names, concept_labels or {})
+    return DemoResult(
+        overlay=overlay, text=format_answer(output), trace_json=json.dumps(trace, indent=2)
+    )
 
 
-def build_demo(pipe: Any, *, title: str = "SegCompass: reasoning segmentation") -> Any:
-    """The Gradio Blocks app around `segment_for_demo` (needs ``pip install gradio``)."""
+def build_demo(
+    pipe: Any,
+    *,
+    title: str = "SegCompass: reasoning segmentation",
+    examples: list[list[str]] | None = None,
+    concept_labels: dict[int, str] | None = None,
+) -> Any:
+    """The Gradio Blocks app around `segment_for_demo` (needs ``pip install gradio``).
+
+    Args:
+        pipe: the pipeline.
+        title: the page title.
+        examples: ``[[image path, instruction], ...]`` offered under the inputs
+            (`example_inputs`).
+        concept_labels: latent id -> label shown in the trace (`load_concept_labels`).
+    """
     import gradio as gr
+
+    config = getattr(getattr(pipe, "model", None), "config", None)
+    default_threshold = float(getattr(config, "slot_confidence_threshold", 0.5))
 
     def run(image: Any, instruction: str, threshold: float, max_new_tokens: int):
         try:
@@ -147,6 +228,7 @@ def build_demo(pipe: Any, *, title: str = "SegCompass: reasoning segmentation") 
                 pipe,
                 image,
                 instruction,
+                concept_labels=concept_labels,
                 confidence_threshold=float(threshold),
                 max_new_tokens=int(max_new_tokens),
             )
@@ -164,11 +246,15 @@ def build_demo(pipe: Any, *, title: str = "SegCompass: reasoning segmentation") 
             with gr.Column():
                 image = gr.Image(type="pil", label="Image")
                 instruction = gr.Textbox(label="Instruction", placeholder="the largest red shape")
-                threshold = gr.Slider(-5.0, 5.0, value=0.5, step=0.1, label="Confidence logit")
+                threshold = gr.Slider(
+                    -5.0, 5.0, value=default_threshold, step=0.1, label="Confidence logit"
+                )
                 max_new_tokens = gr.Slider(
                     8, 512, value=DEFAULT_MAX_NEW_TOKENS, step=8, label="Max new tokens"
                 )
                 button = gr.Button("Segment", variant="primary")
+                if examples:
+                    gr.Examples(examples=examples, inputs=[image, instruction])
             with gr.Column():
                 overlay = gr.Image(type="numpy", label="Masks")
                 answer = gr.Markdown()
@@ -203,5 +289,55 @@ def load_pipeline(model_id: str | None = None) -> Any:
     return pipeline(model=model_id or resolve_model_id(), trust_remote_code=True)
 
 
+def model_file(model_id: str, name: str) -> str | None:
+    """The local path of file ``name`` of the model: in its folder, else downloaded from its
+    Hub repo; None when it has no such file (or the Hub cannot be reached)."""
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, name)
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(model_id, name)
+    except Exception as err:  # absent, offline or private: the app runs without the file
+        logger.warning("No %s for %s (%s); the app runs without it.", name, model_id, err)
+        return None
+
+
+def load_concept_labels(path: str | None) -> dict[int, str]:
+    """Latent id -> label from a ``concept_labels.json`` (None or unnamed latents: left out)."""
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as file:
+        data = json.load(file)
+    if not isinstance(data, dict) or data.get("format") != _CONCEPT_LABELS_FORMAT:
+        raise ValueError(
+            f"{path} is not a SegCompass concept-label file (expected format "
+            f"{_CONCEPT_LABELS_FORMAT!r}); build one with interpret.labels.build_concept_labels."
+        )
+    latents = data.get("latents") or {}
+    return {int(k): str(v["label"]) for k, v in latents.items() if v.get("label")}
+
+
+def example_inputs(model_id: str) -> list[list[str]]:
+    """``[[image path, instruction]]``: the model's example (`EXAMPLE_IMAGE` next to this
+    file or of the model, with `EXAMPLE_INSTRUCTION`); empty when there is none."""
+    if not EXAMPLE_INSTRUCTION:
+        return []
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), EXAMPLE_IMAGE)
+    path = here if os.path.isfile(here) else model_file(model_id, EXAMPLE_IMAGE)
+    return [[path, EXAMPLE_INSTRUCTION]] if path else []
+
+
+def main() -> None:
+    """Serve `resolve_model_id` with its example and concept labels."""
+    model_id = resolve_model_id()
+    labels = load_concept_labels(model_file(model_id, CONCEPT_LABELS_FILE))
+    demo = build_demo(
+        load_pipeline(model_id), examples=example_inputs(model_id), concept_labels=labels
+    )
+    demo.launch()
+
+
 if __name__ == "__main__":
-    build_demo(load_pipeline()).launch()
+    main()

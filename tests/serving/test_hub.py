@@ -8,6 +8,7 @@ import inspect
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -470,3 +471,125 @@ def test_gradio_blocks_build(pipe):
     gr = pytest.importorskip("gradio", reason="gradio is not installed (the `serve` extra)")
     demo = build_demo(pipe)
     assert isinstance(demo, gr.Blocks)
+
+
+# --------------------------------------------------------------------------- what the Space shows
+def test_space_names_image_patches_and_labels_concepts(pipe, parts):
+    """The trace names image tokens patch(row,col) as the CLI does (`interpret.labels`), and
+    gives each concept its label."""
+    from modeling_segcompass.interpret.labels import describe_tokens
+
+    model, processor = parts
+    picture = np.random.default_rng(2).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    kwargs = dict(max_new_tokens=7, confidence_threshold=-1e9, generation_kwargs=FORCE_REFS,
+                  top_concepts=50, top_tokens=50)  # fmt: skip
+    raw = pipe(picture, "the red square", **kwargs)["concept_trace"]
+    first = raw[0]["concepts"][0]["id"]
+    result = segment_for_demo(pipe, picture, "the red square", concept_labels={first: "red"},
+                              **kwargs)  # fmt: skip
+    trace = json.loads(result.trace_json)
+    encoded = processor(images=[picture], instructions=["the red square"], return_tensors="pt")
+    (infos,) = describe_tokens(encoded["input_ids"], model.config,
+                               image_grid_thw=encoded["image_grid_thw"],
+                               tokenizer=processor.tokenizer)  # fmt: skip
+    cli_names = {info.position: info.token for info in infos if info.kind == "visual"}
+    tokens = [t for slot in trace for c in slot["concepts"] for t in c["tokens"]]
+    visual = [t for t in tokens if t["position"] in cli_names]
+    assert visual and all(t["token"] == cli_names[t["position"]] for t in visual)
+    assert all(t["token"].startswith("patch(") for t in visual)
+    assert not any(t["token"] == "<|image_pad|>" for t in tokens)
+    labels = {c["id"]: c["label"] for slot in trace for c in slot["concepts"]}
+    assert labels[first] == "red" and set(labels.values()) == {"red", None}
+
+
+def _concept_labels_file(folder):
+    from modeling_segcompass.interpret.labels import ConceptLabels, save_concept_labels
+
+    latent = {"num_fired": 1, "frequency": 0.1, "mean_activation": 1.0, "max_activation": 1.0,
+              "visual_share": 0.0, "top_tokens": [], "top_patches": []}  # fmt: skip
+    labels = ConceptLabels.from_dict({
+        "format": "segcompass-concept-labels", "version": 1, "d_sae": 64, "sae_layer": 1,
+        "num_samples": 1, "num_tokens": 1, "top_k": 1,
+        "latents": {"3": {"latent_id": 3, "label": "red", **latent},
+                    "4": {"latent_id": 4, "label": None, **latent}},
+    })  # fmt: skip
+    return save_concept_labels(labels, folder)
+
+
+def _load_app(folder, monkeypatch):
+    """The exported app.py as a module (as `python app.py` would run it, without main)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exported_app", folder / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exported_app_offers_the_example_and_reads_the_concept_labels(
+    parts, pipe, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("SEGCOMPASS_MODEL", raising=False)
+    (tmp_path / "labels").mkdir()
+    labels_path = _concept_labels_file(tmp_path / "labels")
+    picture = np.random.default_rng(4).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    folder = export(*parts, tmp_path / "model", example=(picture, "the red square"),
+                    extra_files=[labels_path]).folder  # fmt: skip
+    app = _load_app(folder, monkeypatch)
+    model_id = app.resolve_model_id()
+    assert model_id == str(folder.resolve())
+    examples = app.example_inputs(model_id)
+    assert examples == [[str(folder.resolve() / "example.png"), "the red square"]]
+    labels = app.load_concept_labels(app.model_file(model_id, "concept_labels.json"))
+    assert labels == {3: "red"}
+    assert app.model_file(model_id, "no_such_file.json") is None
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not a SegCompass concept-label file"):
+        app.load_concept_labels(str(tmp_path / "bad.json"))
+    gr = pytest.importorskip("gradio", reason="gradio is not installed (the `serve` extra)")
+    demo = app.build_demo(pipe, examples=examples, concept_labels=labels)
+    assert isinstance(demo, gr.Blocks)
+    types = [component.get("type") for component in demo.config["components"]]
+    assert "dataset" in types  # gr.Examples: the example is offered as an input
+
+
+def test_requirements_take_the_package_ranges(exported, request):
+    """requirements.txt asks for what setup.py asks for (transformers>=5.23, not >=5.0)."""
+    import ast
+
+    setup = (request.config.rootpath / "setup.py").read_text()
+    tree = ast.parse(setup)
+    (core,) = [
+        ast.literal_eval(node.value) for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CORE"
+    ]  # fmt: skip
+    lines = (exported.folder / "requirements.txt").read_text().split()
+    assert {"torch", "transformers", "numpy", "pillow"} <= {
+        re.split(r"[<>=!~]", line)[0] for line in lines
+    }
+    for line in lines:
+        assert line in core, f"{line} is not setup.py's range ({core})"
+
+
+def test_card_keeps_every_metric_and_names_its_sources(parts):
+    evaluation = {"gIoU": np.float32(0.25), "cIoU": 0.5, "T-acc": 1, "N-acc": None, "n": 4}
+    card = build_model_card(
+        parts[0].config, repo_id=REPO_ID, evaluation=evaluation,
+        base_models=["Qwen/Qwen2.5-VL-7B-Instruct", "/data/runs/sae-7"],
+        datasets=["me/reasonseg-train", "a synthetic world"],
+    )  # fmt: skip
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"gIoU": 0.25, "cIoU": 0.5, "T-acc": 1.0}  # counts and None left out
+    assert "| overall | 25.00 | 50.00 | 100.00 |" in card.text
+    # metadata: Hub ids only (the Hub refuses a card whose base_model is a local path)
+    assert card.data.base_model == ["Qwen/Qwen2.5-VL-7B-Instruct"]
+    assert card.data.datasets == ["me/reasonseg-train"]
+    text = card.text
+    assert (
+        "[`Qwen/Qwen2.5-VL-7B-Instruct`](https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct)"
+        in text
+    )
+    assert "- `/data/runs/sae-7`" in text
+    assert "Training data:" in text and "https://huggingface.co/datasets/me/reasonseg-train" in text
+    assert "- `a synthetic world`" in text
