@@ -145,10 +145,10 @@ def _image_code(model_id: str, example_image: str | None) -> tuple[list[str], li
         ]
     if is_local_folder(model_id):
         path = _literal(os.path.join(model_id, example_image))
-        return [], [f'image = Image.open({path}).convert("RGB")  # the example of the model']
+        return [], [f'image = Image.open({path}).convert("RGB")  # the example image of the model']
     return ["from huggingface_hub import hf_hub_download"], [
         f"image = Image.open(hf_hub_download({_literal(model_id)}, {_literal(example_image)}))"
-        '.convert("RGB")  # the example of the model'
+        '.convert("RGB")  # the example image of the model'
     ]
 
 
