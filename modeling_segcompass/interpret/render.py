@@ -96,6 +96,118 @@ def _concept_name(concept: ConceptContribution) -> str:
     return name if len(name) <= 28 else name[:27] + "..."
 
 
+#: Inches per panel of the explanation figure (at 100 dpi: 260 px thumbnails).
+_PANEL_INCHES = 2.6
+
+
+def explanation_figure(
+    explanation: ImageExplanation,
+    image: Any,
+    *,
+    max_concepts: int = 5,
+    title: str | None = None,
+) -> Any:
+    """The figure of one image's trace (a matplotlib `Figure` on an Agg canvas).
+
+    Three bands, top to bottom, so nothing overlaps whatever the slot count or text length:
+
+    * thumbnails: the image, each slot's heatmap over it (confidence in the title, "kept" or
+      "dropped"), the kept slots' masks in slot colours; one panel each, about 2.5 inches;
+    * the completion (reasoning and `<REF_POS>` tokens), wrapped across the full width;
+    * one bar chart per slot of its top concepts (weight in the slot), the names written
+      inside the chart (label and strongest token), so no tick label reaches a neighbour.
+
+    Axes carry labels for tests and tools: "thumbnail", "completion", "concepts".
+    """
+    size = explanation.image_size
+    rgb = _as_rgb(image, size)
+    slots = explanation.slots
+    columns = len(slots) + 2
+    width = _PANEL_INCHES * columns
+    text = explanation.completion or ""
+    wrap_chars = max(40, int(width * 13))  # monospace at 7.5 pt: about 14 characters an inch
+    wrapped = _wrap(text, wrap_chars, max_lines=8)
+    text_height = 0.3 + 0.15 * wrapped.count("\n") + 0.15
+    bar_height = 0.55 + 0.3 * max(
+        1, min(max_concepts, max((len(s.concepts) for s in slots), default=1))
+    )
+    # Bands in inches: thumbnails, completion, room for the bar charts' titles, bar charts;
+    # the figure's title, the thumbnails' titles and the bars' axis labels get their own
+    # margins, so nothing needs squeezing and nothing overlaps.
+    title_room, heading_room, label_room = (0.35 if title else 0.0), 0.45, 0.5
+    heights = [_PANEL_INCHES, text_height, heading_room, bar_height]
+    total = title_room + heading_room + sum(heights) + label_room
+    figure = _figure(width, total)
+    bands = figure.add_gridspec(
+        4, 1, height_ratios=heights, left=0.01, right=0.99, hspace=0.0,
+        top=1.0 - (title_room + heading_room) / total, bottom=label_room / total,
+    )  # fmt: skip
+    thumbs = bands[0].subgridspec(1, columns, wspace=0.06)
+
+    def thumbnail(column: int, picture: np.ndarray, heading: str) -> Any:
+        axis = figure.add_subplot(thumbs[0, column], label="thumbnail")
+        axis.imshow(picture)
+        axis.set_title(heading, fontsize=9)
+        axis.axis("off")
+        return axis
+
+    thumbnail(0, rgb, "image")
+    for i, slot in enumerate(slots):
+        axis = thumbnail(
+            i + 1,
+            rgb,
+            f"slot {slot.slot} heatmap\nconf {slot.confidence:.2f} "
+            f"({'kept' if slot.kept else ('no <REF_POS>' if not slot.has_ref else 'dropped')})",
+        )
+        axis.imshow(slot.heatmap.numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    overlay = rgb.copy()
+    kept = explanation.kept_slots
+    for slot in kept:
+        colour = np.array(_SLOT_COLOURS[slot.slot % len(_SLOT_COLOURS)])
+        mask = slot.mask.numpy().astype(bool)
+        overlay[mask] = 0.45 * overlay[mask] + 0.55 * colour
+    thumbnail(
+        columns - 1,
+        overlay,
+        "masks: " + (", ".join(f"slot {s.slot}" for s in kept) if kept else "none kept"),
+    )
+
+    text_axis = figure.add_subplot(bands[1], label="completion")
+    text_axis.axis("off")
+    text_axis.text(
+        0.0, 1.0, "completion: " + wrapped if text else "completion: (none)", va="top",
+        ha="left", fontsize=7.5, family="monospace", transform=text_axis.transAxes,
+    )  # fmt: skip
+
+    bar_grid = bands[3].subgridspec(1, max(1, len(slots)), wspace=0.08)
+    for i, slot in enumerate(slots):
+        bars = figure.add_subplot(bar_grid[0, i], label="concepts")
+        bars.set_title(f"slot {slot.slot}: top concepts", fontsize=9)
+        concepts = slot.concepts[:max_concepts]
+        if not concepts:
+            bars.text(0.5, 0.5, "no active concept", ha="center", va="center", fontsize=8)
+            bars.axis("off")
+            continue
+        weights = [c.weight for c in concepts][::-1]
+        colour = _SLOT_COLOURS[i % len(_SLOT_COLOURS)]
+        positions = range(len(concepts))
+        bars.barh(positions, weights, color=colour, alpha=0.35, height=0.8)
+        largest = max(max(weights), 1e-12)
+        for y, concept in zip(positions, concepts[::-1]):
+            bars.text(
+                0.01 * largest, y, f"{_concept_name(concept)}  {concept.weight:.3g}",
+                va="center", ha="left", fontsize=7, clip_on=True,
+            )  # fmt: skip
+        bars.set_xlim(0, largest * 1.05)
+        bars.set_ylim(-0.6, len(concepts) - 0.4)
+        bars.set_yticks([])
+        bars.set_xlabel("weight in slot", fontsize=8)
+        bars.tick_params(axis="x", labelsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return figure
+
+
 def render_explanation(
     explanation: ImageExplanation,
     image: Any,
@@ -104,71 +216,11 @@ def render_explanation(
     max_concepts: int = 5,
     title: str | None = None,
 ) -> Path:
-    """Draw one image's trace to a PNG.
-
-    Top row: the image, each slot's heatmap over it (confidence in the title, "kept" or
-    "dropped"), the kept slots' masks in slot colours. Bottom row: under each slot, a bar
-    chart of its top concepts (weight in the slot; label and strongest token in the name).
-    """
+    """Draw one image's trace to a PNG (:func:`explanation_figure`): the image, each slot's
+    heatmap and the kept masks; the completion; each slot's top concepts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = explanation.image_size
-    rgb = _as_rgb(image, size)
-    slots = explanation.slots
-    columns = len(slots) + 2
-    figure = _figure(2.6 * columns, 5.4)
-    grid = figure.add_gridspec(2, columns, height_ratios=[1.0, 0.9])
-    axis = figure.add_subplot(grid[0, 0])
-    axis.imshow(rgb)
-    axis.set_title("image", fontsize=9)
-    axis.axis("off")
-    for i, slot in enumerate(slots):
-        axis = figure.add_subplot(grid[0, i + 1])
-        axis.imshow(rgb)
-        axis.imshow(slot.heatmap.numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-        status = "kept" if slot.kept else ("no <REF_POS>" if not slot.has_ref else "dropped")
-        axis.set_title(
-            f"slot {slot.slot} heatmap\nconf {slot.confidence:.2f} ({status})", fontsize=9
-        )
-        axis.axis("off")
-        bars = figure.add_subplot(grid[1, i + 1])
-        concepts = slot.concepts[:max_concepts]
-        if concepts:
-            names = [_concept_name(c) for c in concepts][::-1]
-            weights = [c.weight for c in concepts][::-1]
-            bars.barh(range(len(concepts)), weights, color=_SLOT_COLOURS[i % len(_SLOT_COLOURS)])
-            bars.set_yticks(range(len(concepts)))
-            bars.set_yticklabels(names, fontsize=7)
-            bars.set_xlabel("weight in slot", fontsize=8)
-            bars.tick_params(axis="x", labelsize=7)
-        else:
-            bars.text(0.5, 0.5, "no active concept", ha="center", va="center", fontsize=8)
-            bars.axis("off")
-        bars.set_title(f"slot {slot.slot}: top concepts", fontsize=9)
-    axis = figure.add_subplot(grid[0, columns - 1])
-    overlay = rgb.copy()
-    kept = explanation.kept_slots
-    for slot in kept:
-        colour = np.array(_SLOT_COLOURS[slot.slot % len(_SLOT_COLOURS)])
-        mask = slot.mask.numpy().astype(bool)
-        overlay[mask] = 0.45 * overlay[mask] + 0.55 * colour
-    axis.imshow(overlay)
-    axis.set_title(
-        "masks: " + (", ".join(f"slot {s.slot}" for s in kept) if kept else "none kept"),
-        fontsize=9,
-    )
-    axis.axis("off")
-    text_axis = figure.add_subplot(grid[1, 0])
-    text_axis.axis("off")
-    text = explanation.completion or ""
-    text_axis.text(
-        0.0, 1.0, _wrap(text, 30), va="top", ha="left", fontsize=7, family="monospace",
-        transform=text_axis.transAxes,
-    )  # fmt: skip
-    figure.add_subplot(grid[1, columns - 1]).axis("off")
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure = explanation_figure(explanation, image, max_concepts=max_concepts, title=title)
     figure.savefig(path)
     return path
 

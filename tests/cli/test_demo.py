@@ -70,6 +70,8 @@ def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path, c
     assert (hub / "model.safetensors").exists() and (hub / "README.md").exists()
     assert (hub / "concept_labels.json").exists()
     assert_final_sae_exported(tmp_path / "demo")
+    # no empty folder is left behind (the trainers' sft/ and grpo/ hold no checkpoint)
+    assert not [p for p in (tmp_path / "demo").rglob("*") if p.is_dir() and not any(p.iterdir())]
     text = summary.to_text()
     assert "# SegCompass demo summary" in text and "- reload: ok" in text
     assert (tmp_path / "demo" / "summary.md").read_text().strip() == text.strip()

@@ -98,3 +98,82 @@ def test_plot_quality_vs_accuracy_draws_one_panel_per_measure(tmp_path):
     index = write_report([], None, tmp_path / "report", quality=report)
     assert "src='quality_vs_accuracy.png'" in index.read_text()
     assert (tmp_path / "report" / "quality_vs_accuracy.png").is_file()
+
+
+def _long_explanation(num_slots=3, size=(64, 64)):
+    from modeling_segcompass.interpret.explain import (
+        ConceptContribution,
+        ImageExplanation,
+        SlotExplanation,
+        TokenActivation,
+    )
+
+    def concept(i):
+        token = TokenActivation(position=i, token="<REF_POS>", kind="ref", activation=1.0,
+                                weight=0.1, patch=None)  # fmt: skip
+        label = "a rather long concept label " * 2
+        return ConceptContribution(latent_id=100 + i, weight=0.2 - 0.01 * i, share=0.1,
+                                   label=label, num_tokens=3, tokens=[token])  # fmt: skip
+
+    slots = [
+        SlotExplanation(
+            slot=k,
+            has_ref=True,
+            conf_logit=0.5,
+            confidence=0.62,
+            kept=k == 0,
+            mask_area=10,
+            heatmap=torch.rand(size),
+            mask=torch.rand(size) > 0.5,
+            concepts=[concept(i) for i in range(5)],
+        )  # fmt: skip
+        for k in range(num_slots)
+    ]
+    completion = "<think> the big red triangle left of the circle </think> " + "<REF_POS>" * 30
+    return ImageExplanation(index=0, prompt=None, completion=completion, cot=None,
+                            image_size=size, num_active_concepts=12, slots=slots)  # fmt: skip
+
+
+def test_explanation_figure_keeps_text_and_bars_apart_and_draws_large_thumbnails(tmp_path):
+    from modeling_segcompass.interpret.render import explanation_figure
+
+    image = Image.new("RGB", (64, 64), (40, 40, 40))
+    for num_slots in (1, 3, 5):
+        figure = explanation_figure(_long_explanation(num_slots), image, title="a title")
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        by_label = {}
+        for axis in figure.axes:
+            by_label.setdefault(axis.get_label(), []).append(axis)
+        thumbnails, (text_axis,), bars = (
+            by_label[k] for k in ("thumbnail", "completion", "concepts")
+        )
+        assert len(thumbnails) == num_slots + 2 and len(bars) == num_slots
+        # thumbnails: at least 200 px on each side (the image is square)
+        for axis in thumbnails:
+            box = axis.get_window_extent(renderer)
+            assert min(box.width, box.height) >= 200, (num_slots, box)
+        # the completion's text stays clear of every bar chart (labels and titles included)
+        (text,) = text_axis.texts
+        text_box = text.get_window_extent(renderer)
+        boxes = [axis.get_tightbbox(renderer) for axis in bars + thumbnails]
+        assert not any(text_box.overlaps(box) for box in boxes), num_slots
+        # neighbouring panels (titles and labels included) and the figure's title stay apart
+        for row in (bars, thumbnails):
+            for left, right in zip(row, row[1:]):
+                assert not left.get_tightbbox(renderer).overlaps(right.get_tightbbox(renderer))
+        title_box = figure._suptitle.get_window_extent(renderer)
+        assert not any(title_box.overlaps(box) for box in boxes), num_slots
+        assert not any(
+            t.get_tightbbox(renderer).overlaps(b.get_tightbbox(renderer))
+            for t in thumbnails
+            for b in bars
+        )
+        for axis in bars:
+            inside = axis.get_window_extent(renderer)
+            for name in axis.texts:
+                assert inside.x0 <= name.get_window_extent(renderer).x0 < inside.x1
+        # the figure is filled: the thumbnails use most of its width
+        used = sum(a.get_window_extent(renderer).width for a in thumbnails)
+        assert used > 0.75 * figure.bbox.width, num_slots
+    figure.savefig(tmp_path / "layout.png")
