@@ -70,6 +70,7 @@ def plot_training_curves(curves: Mapping[str, Mapping[str, Series]], path: str |
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     columns = 3
@@ -79,6 +80,7 @@ def plot_training_curves(curves: Mapping[str, Mapping[str, Series]], path: str |
     for ax, (title, series) in zip(flat, curves.items()):
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         drawn = False
         for label, points in series.items():
             if not points:
