@@ -318,7 +318,23 @@ def load_safely(
     return (model, info) if want_info else model
 
 
+def refuse_injected_adapters(model: Any) -> None:
+    """Refuse to save a model with LoRA layers injected in place: its weight names
+    (``...base_layer.weight``, ``...lora_A.default.weight``) are not the model's, so
+    `from_pretrained` could not load the folder."""
+    names = [n for n, _ in model.named_parameters() if ".lora_" in n or ".base_layer." in n]
+    if names:
+        raise ValueError(
+            f"This model has LoRA adapters injected ({len(names)} tensors such as {names[0]!r}); "
+            "save_pretrained would write names that from_pretrained cannot load. Call "
+            "`merge_lora(model)` first to save a plain model, or "
+            "`save_lora_adapter(model, folder)` to save the adapters and trained heads for "
+            "`PeftModel.from_pretrained` (both in modeling_segcompass.training.lora)."
+        )
+
+
 __all__ = [
+    "refuse_injected_adapters",
     "SINGLE_WEIGHTS",
     "WEIGHTS_INDEX",
     "CODE_CHECKSUMS",

@@ -38,7 +38,7 @@ from .input_checks import (
     check_segment_results,
     values_are_checked,
 )
-from .loading import load_safely, tidy_saved_folder
+from .loading import load_safely, refuse_injected_adapters, tidy_saved_folder
 from .losses import (
     SegmentationLossOutput,
     compute_segmentation_loss,
@@ -685,6 +685,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         """`PreTrainedModel.save_pretrained`, leaving one weight set: the files of the layout
         it did not write (one file vs shards + index) are removed (`loading.tidy_saved_folder`)."""
+        refuse_injected_adapters(self)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         tidy_saved_folder(save_directory, kwargs.get("is_main_process", True))
         return result

@@ -231,14 +231,16 @@ def prepare_sam_image(
         step = max(1, _LARGE_IMAGE_PIXELS // width)
         bands = [
             _resize(
-                torch.from_numpy(rgb[top : top + step]).permute(2, 0, 1)[None].float(),
+                torch.from_numpy(np.array(rgb[top : top + step])).permute(2, 0, 1)[None].float(),
                 (min(step, height - top), new_w),
             )  # (1, 3, rows, w)
             for top in range(0, height, step)
         ]
         x = torch.cat(bands, dim=2)  # (1, 3, H, w)
     else:
-        x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, H, W)
+        # a copy when the array is read-only (torch warns on non-writable memory)
+        pixels = rgb if rgb.flags.writeable else rgb.copy()
+        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, H, W)
     x = _resize(x, (new_h, new_w)).clamp_(0.0, 255.0)
     mean = torch.tensor(pixel_mean).view(1, 3, 1, 1)
     std = torch.tensor(pixel_std).view(1, 3, 1, 1)

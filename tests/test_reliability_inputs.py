@@ -366,3 +366,18 @@ def test_forward_refuses_a_sequence_longer_than_the_vlms_positions():
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     with pytest.raises(ValueError, match=rf"{limit + 1} positions but the VLM has max_position"):
         model(**batch)
+
+
+def test_read_only_numpy_image_gives_no_warning(setup):
+    import warnings
+
+    _, processor = setup
+    rgb = image(40, 60, seed=3)
+    rgb.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = processor(rgb, "the red circle")
+    rgb_writable = rgb.copy()
+    torch.testing.assert_close(
+        out["sam_pixel_values"], processor(rgb_writable, "the red circle")["sam_pixel_values"]
+    )

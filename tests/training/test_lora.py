@@ -135,3 +135,11 @@ def test_setup_py_asks_for_a_peft_that_round_trips_the_heads():
     assert not requirement.specifier.contains("0.19.1")
     assert requirement.specifier.contains("0.20.0")
     assert requirement.specifier.contains(importlib.metadata.version("peft"))
+
+
+def test_save_pretrained_with_lora_injected_names_the_two_ways_to_save(tmp_path):
+    model = build_tiny_model()
+    apply_lora(model, default_lora_config(model))
+    with pytest.raises(ValueError, match=r"LoRA adapters injected.*merge_lora.*save_lora_adapter"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
