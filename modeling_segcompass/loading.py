@@ -307,6 +307,18 @@ def load_safely(
             f"corrupted ({error}). Download or save the checkpoint again."
         ) from error
     missing = list(info.get("missing_keys") or [])
+    adapters = [
+        k for k in info.get("unexpected_keys") or [] if ".lora_" in k or ".base_layer." in k
+    ]
+    if missing and adapters and not allow_missing:
+        raise ValueError(
+            f"The checkpoint {source!r} was saved with LoRA adapters injected ({len(adapters)} "
+            f"tensors such as {adapters[0]!r}), so its names are not the model's. Load it into "
+            "a model with the same adapters (the Trainer's resume does), or save the model "
+            "again after `merge_lora(model)` (a plain model) or with "
+            "`save_lora_adapter(model, folder)` (for `PeftModel.from_pretrained`); both are in "
+            "modeling_segcompass.training.lora."
+        )
     if missing and not allow_missing:
         shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
         raise ValueError(
@@ -318,23 +330,7 @@ def load_safely(
     return (model, info) if want_info else model
 
 
-def refuse_injected_adapters(model: Any) -> None:
-    """Refuse to save a model with LoRA layers injected in place: its weight names
-    (``...base_layer.weight``, ``...lora_A.default.weight``) are not the model's, so
-    `from_pretrained` could not load the folder."""
-    names = [n for n, _ in model.named_parameters() if ".lora_" in n or ".base_layer." in n]
-    if names:
-        raise ValueError(
-            f"This model has LoRA adapters injected ({len(names)} tensors such as {names[0]!r}); "
-            "save_pretrained would write names that from_pretrained cannot load. Call "
-            "`merge_lora(model)` first to save a plain model, or "
-            "`save_lora_adapter(model, folder)` to save the adapters and trained heads for "
-            "`PeftModel.from_pretrained` (both in modeling_segcompass.training.lora)."
-        )
-
-
 __all__ = [
-    "refuse_injected_adapters",
     "SINGLE_WEIGHTS",
     "WEIGHTS_INDEX",
     "CODE_CHECKSUMS",

@@ -38,17 +38,18 @@ from .input_checks import (
     check_segment_results,
     values_are_checked,
 )
-from .loading import load_safely, refuse_injected_adapters, tidy_saved_folder
+from .loading import load_safely, tidy_saved_folder
 from .losses import (
     SegmentationLossOutput,
-    compute_segmentation_loss,
     language_model_loss,
     sae_reconstruction_loss,
+    segmentation_loss_from_config,
 )
 from .precision import cast_to_dtype, floating_dtype
 from .query_codebook import QueryCodebook
-from .slot_mapper import SlotMapper
+from .slot_mapper import SlotMapper, UpstreamSlotMapper
 from .sparse_autoencoder import SparseAutoencoder
+from .vlm_states import _decoder_layers, fill_outside_image, gather_ref_hidden_states
 
 
 @dataclass
@@ -107,57 +108,6 @@ class SegCompassOutput(ModelOutput):
 completion_format_problem = grounding_problem
 
 
-def gather_ref_hidden_states(
-    hidden_states: torch.Tensor, input_ids: torch.Tensor, ref_token_id: int, num_slots: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last-layer states at the last `num_slots` `<REF_POS>` tokens of each row, in order.
-
-    Args:
-        hidden_states: (B, L, d).
-        input_ids: (B, L).
-    Returns:
-        states (B, K, d), zeros where a row has fewer than K `<REF_POS>` tokens, and
-        present (B, K) bool.
-    """
-    batch, _, dim = hidden_states.shape
-    is_ref = input_ids == ref_token_id  # (B, L)
-    count = is_ref.sum(-1, keepdim=True)  # (B, 1)
-    # number of <REF_POS> at or after each position: the last K have rank 1..K
-    rank_from_end = is_ref.flip(-1).long().cumsum(-1).flip(-1)  # (B, L)
-    slot = count.clamp(max=num_slots) - rank_from_end  # (B, L): slot index of each kept ref
-    take = is_ref & (rank_from_end <= num_slots)
-    rows, cols = take.nonzero(as_tuple=True)
-    states = hidden_states.new_zeros(batch, num_slots, dim)
-    states[rows, slot[rows, cols]] = hidden_states[rows, cols]
-    present = torch.arange(num_slots, device=input_ids.device).unsqueeze(0) < count.clamp(
-        max=num_slots
-    )  # (B, K)
-    return states, present
-
-
-def _decoder_layers(vlm: nn.Module) -> nn.ModuleList:
-    """The language model's decoder layers of an image-text-to-text model."""
-    candidates = []
-    base = getattr(vlm, "model", vlm)
-    language_model = getattr(base, "language_model", None)
-    if language_model is not None:
-        candidates.append(getattr(language_model, "layers", None))
-        inner = getattr(language_model, "model", None)
-        if inner is not None:
-            candidates.append(getattr(inner, "layers", None))
-    if hasattr(vlm, "get_decoder"):
-        decoder = vlm.get_decoder()
-        candidates.append(getattr(decoder, "layers", None))
-    for layers in candidates:
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
-    raise ValueError(
-        f"SegCompass: cannot find the decoder layers of {type(vlm).__name__} "
-        "(looked for .model.language_model.layers and get_decoder().layers); "
-        "this VLM family is not supported yet, please open an issue."
-    )
-
-
 class SegCompassPreTrainedModel(PreTrainedModel):
     config_class = SegCompassConfig
     config: SegCompassConfig
@@ -171,7 +121,13 @@ class SegCompassPreTrainedModel(PreTrainedModel):
     output_modalities = ("text", "image")
     _supports_sdpa = True
     _supports_flash_attn = True
-    _no_split_modules = ["SamVisionLayer", "SparseAutoencoder", "QueryCodebook", "SlotMapper"]
+    _no_split_modules = [
+        "SamVisionLayer",
+        "SparseAutoencoder",
+        "QueryCodebook",
+        "SlotMapper",
+        "UpstreamSlotMapper",
+    ]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -210,7 +166,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
     """SegCompass: a VLM reasons, an SAE exposes its concepts, slots ground them, SAM masks.
 
     Submodules: `vlm` (any image-text-to-text model), `sae` ([`SparseAutoencoder`]),
-    `codebook` ([`QueryCodebook`]), `slot_mapper` ([`SlotMapper`]), `image_encoder`
+    `codebook` ([`QueryCodebook`]), `slot_mapper` ([`SlotMapper`], or [`UpstreamSlotMapper`]
+    with `slot_mapper_type="upstream"`), `image_encoder`
     (`SamVisionEncoder`, [`ConvImageEncoder`] or None), `prompt_encoder` / `mask_decoder`
     (transformers' `SamPromptEncoder` / `SamMaskDecoder`, same parameter names as SAM).
     """
@@ -240,14 +197,17 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             ffn_dim=config.codebook_ffn_dim,
             dropout=config.codebook_dropout,
         )
-        self.slot_mapper = SlotMapper(
-            codebook_dim=config.codebook_dim,
-            llm_hidden_size=config.llm_hidden_size,
-            image_channels=config.image_embedding_channels,
-            num_heads=config.slot_mapper_heads,
-            fuser_channels=config.slot_fuser_channels,
-            upsample=4,
-        )
+        mapper_dims = {
+            "codebook_dim": config.codebook_dim,
+            "llm_hidden_size": config.llm_hidden_size,
+            "image_channels": config.image_embedding_channels,
+            "num_heads": config.slot_mapper_heads,
+            "upsample": 4,
+        }
+        if config.slot_mapper_type == "upstream":
+            self.slot_mapper = UpstreamSlotMapper(**mapper_dims)
+        else:
+            self.slot_mapper = SlotMapper(**mapper_dims, fuser_channels=config.slot_fuser_channels)
         if config.image_encoder_type == "sam":
             self.image_encoder = SamVisionEncoder(sam.vision_config)
         elif config.image_encoder_type == "conv":
@@ -413,7 +373,9 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             labels (B, L): next-token targets, -100 outside the response.
             gt_masks (B, G, M, M): ground-truth masks on the mask grid.
             num_objects (B,): real masks per sample (0 = no target); default: the non-empty ones.
-            valid_mask (B, M, M): True on the unpadded image area (losses ignore the rest).
+            valid_mask (B, M, M): True on the unpadded image area (losses ignore the rest;
+                with `config.heatmap_outside_fill` set, SAM's heatmap prompts take that value
+                outside it, while `heatmap_logits` and their losses stay unfilled).
             compute_logits: return the full LM logits (B, L, V): True always, False never,
                 None (default) only without `labels` (with labels only the labelled positions
                 are projected, for the LM loss: the saving of a training step).
@@ -472,7 +434,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
 
         # 2. <REF_POS> states (last K per row, zeros where fewer).
         ref_states, ref_mask = gather_ref_hidden_states(
-            last_hidden, input_ids, cfg.ref_token_id, cfg.num_slots
+            last_hidden, input_ids, cfg.ref_token_id, cfg.num_slots, cfg.slot_order
         )
 
         # 3. Sparse concepts of every token; padding carries no concept.
@@ -491,7 +453,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         else:  # precomputed (e.g. cached in float32): the mask path runs in its own precision
             image_embeddings = image_embeddings.to(floating_dtype(self.mask_decoder))
         mapped = self.slot_mapper(book.slots, ref_states, image_embeddings)
-        mask_logits, iou_scores = self.decode_masks(mapped.heatmap_logits, image_embeddings)
+        prompts = fill_outside_image(mapped.heatmap_logits, valid_mask, cfg.heatmap_outside_fill)
+        mask_logits, iou_scores = self.decode_masks(prompts, image_embeddings)
         if values_are_checked(self, input_ids):  # NaN / Inf outputs mean broken weights
             check_forward_outputs(self, mapped, mask_logits, iou_scores)
 
@@ -555,7 +518,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         num_objects: torch.Tensor | None = None,
         valid_mask: torch.Tensor | None = None,
     ) -> SegmentationLossOutput:
-        """The forward's segmentation + confidence losses (`compute_segmentation_loss` with this
+        """The forward's segmentation + confidence losses (`segmentation_loss_from_config` with this
         config's weights) for given outputs, e.g. a subset of a batch's rows.
 
         Args:
@@ -571,22 +534,18 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         gt = gt_masks.float()
         if num_objects is None:
             num_objects = (gt.flatten(2) > 0.5).any(-1).sum(-1)
-        return compute_segmentation_loss(
+        # `training_step` (optimisation steps done; the trainers set it before each step,
+        # a custom loop sets it itself) picks the weights of `config.loss_schedule_step`.
+        return segmentation_loss_from_config(
+            cfg,
+            getattr(self, "training_step", 0),
             heatmap_logits=heatmap_logits.float(),
             mask_logits=mask_logits.float(),
             conf_logits=conf_logits.float(),
             gt_masks=gt,
             num_objects=num_objects,
             valid_mask=valid_mask,
-            heatmap_bce_weight=cfg.heatmap_bce_weight,
-            heatmap_dice_weight=cfg.heatmap_dice_weight,
-            mask_dice_weight=cfg.mask_dice_weight,
-            mask_focal_weight=cfg.mask_focal_weight,
-            focal_alpha=cfg.focal_alpha,
-            focal_gamma=cfg.focal_gamma,
             iou_predictions=None if iou_scores is None else iou_scores.float(),
-            iou_loss_weight=cfg.iou_loss_weight,
-            order_prior=cfg.slot_order_prior,
         )
 
     # ------------------------------------------------------------------ generation
@@ -685,7 +644,6 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         """`PreTrainedModel.save_pretrained`, leaving one weight set: the files of the layout
         it did not write (one file vs shards + index) are removed (`loading.tidy_saved_folder`)."""
-        refuse_injected_adapters(self)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         tidy_saved_folder(save_directory, kwargs.get("is_main_process", True))
         return result
