@@ -86,6 +86,16 @@ class SegCompassConfig(PreTrainedConfig):
             + mask_dice_weight*Dice(mask) + mask_focal_weight*Focal(mask) + iou_loss_weight*MSE(iou)`;
             `loss = lm_loss_weight*lm + seg_loss_weight*seg + conf_loss_weight*conf + sae_reconstruction_weight*sae`.
         focal_alpha, focal_gamma (`float`): sigmoid focal-loss parameters.
+        loss_schedule_step (`int`, *optional*), heatmap_dice_weight_after, mask_dice_weight_after,
+        mask_focal_weight_after (`float`, *optional*): from optimisation step `loss_schedule_step`
+            on (the model's `training_step`, set by the trainers), each `*_after` that is not
+            None replaces its weight (upstream: Dice 0.8 -> 2.0, focal 0 -> 5.0 at step 1500).
+        loss_normalization (`str`): `"pairs"` (a term's sum over matched pairs / their number)
+            or `"per_sample"` (upstream: mean per sample, then over the batch).
+        dice_eps (`float`): Dice smoothing (1.0; upstream's form: 1e-6).
+        matching_on (`str`), matching_cost (`str`), matching_full_grid (`bool`): Hungarian
+            matching on `"mask"` or `"heatmap"` logits, cost `"dice_bce"` or `"soft_iou"`, over
+            the valid area or the full grid (upstream: heatmap, soft_iou, full grid).
         slot_order_prior (`float`):
             Extra matching cost when slot k is matched to target g != k. 0.0 is the paper's
             pure Hungarian matching; the tiny default uses 1.0 so that slot j learns the j-th
@@ -155,6 +165,15 @@ class SegCompassConfig(PreTrainedConfig):
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     slot_order_prior: float = 0.0
+    loss_schedule_step: int | None = None
+    heatmap_dice_weight_after: float | None = None
+    mask_dice_weight_after: float | None = None
+    mask_focal_weight_after: float | None = None
+    loss_normalization: str = "pairs"
+    dice_eps: float = 1.0
+    matching_on: str = "mask"
+    matching_cost: str = "dice_bce"
+    matching_full_grid: bool = False
     # inference
     slot_confidence_threshold: float = 0.5
     mask_threshold: float = 0.0
@@ -258,6 +277,21 @@ class SegCompassConfig(PreTrainedConfig):
                      "iou_loss_weight", "sae_reconstruction_weight"):  # fmt: skip
             if getattr(self, name) < 0:
                 fail(name, "a non-negative loss weight", getattr(self, name))
+        for name, allowed in (("loss_normalization", ("pairs", "per_sample")),
+                              ("matching_on", ("mask", "heatmap")),
+                              ("matching_cost", ("dice_bce", "soft_iou"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                fail(name, f"one of {allowed}", getattr(self, name))
+        for name in ("heatmap_dice_weight_after", "mask_dice_weight_after",
+                     "mask_focal_weight_after", "dice_eps"):  # fmt: skip
+            value = getattr(self, name)
+            if (value is not None or name == "dice_eps") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value < math.inf):  # fmt: skip
+                fail(name, "a finite number >= 0" + ("" if name == "dice_eps" else " or None"),
+                     value)  # fmt: skip
+        step = self.loss_schedule_step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            fail("loss_schedule_step", "an integer step or None", step)
         num_layers = self.vlm_text_config.num_hidden_layers
         if not 0 <= self.sae_layer < num_layers:
             fail("sae_layer", f"a decoder-layer index in [0, {num_layers - 1}]", self.sae_layer)

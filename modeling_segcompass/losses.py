@@ -4,15 +4,22 @@ The paper's training (arXiv 2605.22658): the mask path is supervised in the same
 heatmap BCE + heatmap Dice, mask Dice + sigmoid focal loss, and a per-slot confidence BCE whose
 targets come from Hungarian matching; pixels in SAM's padded area are excluded.
 
-Differences from upstream `dp_actor._multiple_seg_loss` (documented choices):
+Differences from upstream `verl/workers/actor/dp_actor.py` (`_multiple_seg_loss`) by default,
+each one a switch (config fields in brackets; `segmentation_loss_from_config` reads them):
 
-* Slots are matched on the mask logits with a Dice + BCE cost by default; upstream matches on
-  the heatmap with `1 - soft IoU` (`match_on="heatmap", matching_cost="soft_iou"` reproduces it).
+* Slots are matched on the mask logits with a Dice + BCE cost over the valid area; upstream
+  matches on the sigmoid heatmap with `1 - soft IoU` over the full grid
+  (`match_on="heatmap", matching_cost="soft_iou", match_full_grid=True`).
 * Each term is summed over all matched pairs of the batch and divided by their number (at
   least 1); upstream averages per sample and then over the batch, counting no-target samples
-  as zeros, which makes the weight of a pair depend on how many objects its sample has.
+  as zeros, which makes the weight of a pair depend on how many objects its sample has
+  (`normalization="per_sample"`).
 * Dice uses the smoothed form `1 - (2 p.t + eps) / (p + t + eps)` with eps = 1 (two empty masks
-  give 0); upstream uses eps = 1e-6 in the denominator only.
+  give 0); upstream uses eps = 1e-6 in the denominator only (`dice_eps=1e-6` matches it to
+  1e-6 on any non-empty target).
+* Upstream switches the mask Dice / focal weights (and the heatmap Dice weight with them) at
+  a training step (`loss_schedule_step`, `*_weight_after`); the model learns the step from
+  its `training_step` attribute, which the trainers set before each optimisation step.
 
 Remote-code file: imports only torch and the sibling `matching` module.
 """
@@ -23,7 +30,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,9 @@ from torch import nn
 from .matching import MatchingCost, SlotAssignment, match_slots
 
 logger = logging.getLogger(__name__)
+
+#: How `compute_segmentation_loss` averages a term over the matched pairs of a batch.
+LOSS_NORMALIZATIONS = ("pairs", "per_sample")
 
 
 def _flatten_per_mask(
@@ -238,6 +248,22 @@ def _check_loss_inputs(
     # Range checks (num_objects in [0, G] and <= K) are done by `match_slots`.
 
 
+def _pair_reduction(
+    batch_index: torch.Tensor, batch: int, normalization: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function that turns (M,) per-pair losses into the batch's scalar term."""
+    if normalization == "pairs":
+        num_pairs = max(int(batch_index.numel()), 1)
+        return lambda per_pair: per_pair.sum() / num_pairs
+    counts = torch.bincount(batch_index, minlength=batch).clamp_min(1)  # (B,)
+
+    def per_sample(per_pair: torch.Tensor) -> torch.Tensor:
+        sums = per_pair.new_zeros(batch).index_add(0, batch_index, per_pair)  # (B,)
+        return (sums / counts.to(per_pair.dtype)).sum() / max(batch, 1)
+
+    return per_sample
+
+
 def compute_segmentation_loss(
     *,
     heatmap_logits: torch.Tensor,
@@ -257,6 +283,9 @@ def compute_segmentation_loss(
     match_on: Literal["mask", "heatmap"] = "mask",
     matching_cost: MatchingCost = "dice_bce",
     order_prior: float = 0.0,
+    normalization: Literal["pairs", "per_sample"] = "pairs",
+    dice_eps: float = 1.0,
+    match_full_grid: bool = False,
 ) -> SegmentationLossOutput:
     """Hungarian-matched segmentation and confidence losses of one batch.
 
@@ -285,6 +314,13 @@ def compute_segmentation_loss(
         iou_loss_weight: weight of that MSE (ignored without `iou_predictions`).
         match_on: match on the `"mask"` logits (default) or on the `"heatmap"` (upstream).
         matching_cost: `"dice_bce"` (default) or `"soft_iou"` (upstream), see `match_slots`.
+        order_prior: extra matching cost of slot k on target g != k, see `match_slots`.
+        normalization: `"pairs"` (default): each term summed over the batch's matched pairs
+            and divided by their number; `"per_sample"` (upstream): mean over each sample's
+            pairs, then mean over the B samples, a no-target sample counting 0.
+        dice_eps: smoothing of both Dice terms (1.0; upstream's form is matched by 1e-6).
+        match_full_grid: match over the whole grid, ignoring `valid_mask` (upstream); the
+            loss terms still ignore the pixels outside it.
 
     Returns:
         `SegmentationLossOutput`.
@@ -294,6 +330,10 @@ def compute_segmentation_loss(
     )
     if match_on not in ("mask", "heatmap"):
         raise ValueError(f"`match_on` must be 'mask' or 'heatmap'; got {match_on!r}.")
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(
+            f"`normalization` must be one of {LOSS_NORMALIZATIONS}; got {normalization!r}."
+        )
     num_objects = num_objects.to(device=heatmap_logits.device)
     if valid_mask is not None:
         valid_mask = valid_mask.to(device=heatmap_logits.device, dtype=torch.bool)
@@ -301,24 +341,23 @@ def compute_segmentation_loss(
         mask_logits if match_on == "mask" else heatmap_logits,
         gt_masks,
         num_objects,
-        valid_mask,
+        None if match_full_grid else valid_mask,
         cost=matching_cost,
         order_prior=order_prior,
     )
 
     batch_index, slot_index, target_index = assignment.pairs()
-    num_pairs = max(int(batch_index.numel()), 1)
     heat_m = heatmap_logits[batch_index, slot_index]  # (M, H, W)
     mask_m = mask_logits[batch_index, slot_index]  # (M, H, W)
     gt_m = gt_masks[batch_index, target_index].to(dtype=heatmap_logits.dtype)  # (M, H, W)
     valid_m = None if valid_mask is None else valid_mask[batch_index]  # (M, H, W)
+    reduce = _pair_reduction(batch_index, heatmap_logits.shape[0], normalization)
 
-    heatmap_bce = masked_bce_with_logits(heat_m, gt_m, valid_m).sum() / num_pairs
-    heatmap_dice = dice_loss(heat_m, gt_m, valid_m).sum() / num_pairs
-    mask_dice = dice_loss(mask_m, gt_m.to(mask_m.dtype), valid_m).sum() / num_pairs
-    mask_focal = (
-        sigmoid_focal_loss(mask_m, gt_m.to(mask_m.dtype), valid_m, focal_alpha, focal_gamma).sum()
-        / num_pairs
+    heatmap_bce = reduce(masked_bce_with_logits(heat_m, gt_m, valid_m))
+    heatmap_dice = reduce(dice_loss(heat_m, gt_m, valid_m, eps=dice_eps))
+    mask_dice = reduce(dice_loss(mask_m, gt_m.to(mask_m.dtype), valid_m, eps=dice_eps))
+    mask_focal = reduce(
+        sigmoid_focal_loss(mask_m, gt_m.to(mask_m.dtype), valid_m, focal_alpha, focal_gamma)
     )
     seg_loss = (
         heatmap_bce_weight * heatmap_bce
@@ -338,7 +377,7 @@ def compute_segmentation_loss(
             # Two empty masks agree perfectly: IoU 1 (the LISA convention of the field's metrics).
             true_iou = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
         iou_m = iou_predictions[batch_index, slot_index]  # (M,)
-        mask_iou_mse = ((iou_m - true_iou.to(iou_m.dtype)) ** 2).sum() / num_pairs
+        mask_iou_mse = reduce((iou_m - true_iou.to(iou_m.dtype)) ** 2)
         seg_loss = seg_loss + iou_loss_weight * mask_iou_mse
     else:
         mask_iou_mse = heatmap_logits.new_zeros(())
@@ -355,6 +394,62 @@ def compute_segmentation_loss(
         mask_iou_mse=mask_iou_mse,
         conf_targets=conf_targets,
         assignment=assignment,
+    )
+
+
+def segmentation_loss_weights(config: Any, step: int | None = None) -> dict[str, float]:
+    """The weights of the `seg_loss` terms at training step `step` (optimisation steps done).
+
+    Before `config.loss_schedule_step` (or always when it is None) the config's
+    `heatmap_bce_weight`, `heatmap_dice_weight`, `mask_dice_weight`, `mask_focal_weight`
+    and `iou_loss_weight`; from that step on, each `*_weight_after` that is not None replaces
+    its weight. Upstream (`dp_actor.py`) switches mask Dice 0.8 -> 2.0 and focal 0 -> 5.0 at
+    step 1500, the heatmap Dice following the mask Dice; `step` counts updates as its
+    `global_steps` does (0 during the first update).
+
+    >>> from types import SimpleNamespace as C
+    >>> c = C(heatmap_bce_weight=1.0, heatmap_dice_weight=0.8, mask_dice_weight=0.8,
+    ...       mask_focal_weight=0.0, iou_loss_weight=0.0, loss_schedule_step=1500,
+    ...       heatmap_dice_weight_after=2.0, mask_dice_weight_after=2.0,
+    ...       mask_focal_weight_after=5.0)
+    >>> segmentation_loss_weights(c, 1499)["mask_focal_weight"], segmentation_loss_weights(c, 1500)["mask_focal_weight"]
+    (0.0, 5.0)
+    """
+    names = ("heatmap_bce_weight", "heatmap_dice_weight", "mask_dice_weight",
+             "mask_focal_weight", "iou_loss_weight")  # fmt: skip
+    weights = {name: float(getattr(config, name)) for name in names}
+    switch = getattr(config, "loss_schedule_step", None)
+    if switch is not None and switch >= 0 and int(step or 0) >= switch:
+        for name in names:
+            after = getattr(config, f"{name}_after", None)
+            if after is not None:
+                weights[name] = float(after)
+    return weights
+
+
+def segmentation_loss_from_config(
+    config: Any, step: int | None = None, **tensors: torch.Tensor | None
+) -> SegmentationLossOutput:
+    """`compute_segmentation_loss` with the weights, matching and normalisation of `config`.
+
+    Args:
+        config: a `SegCompassConfig` (read by attribute: the loss fields and
+            `slot_order_prior`; fields it lacks take the package defaults).
+        step: optimisation steps done so far, for the loss schedule (`segmentation_loss_weights`).
+        **tensors: `heatmap_logits`, `mask_logits`, `conf_logits`, `gt_masks`, `num_objects`,
+            `valid_mask`, `iou_predictions`, as `compute_segmentation_loss` takes them.
+    """
+    return compute_segmentation_loss(
+        **tensors,
+        **segmentation_loss_weights(config, step),
+        focal_alpha=config.focal_alpha,
+        focal_gamma=config.focal_gamma,
+        match_on=getattr(config, "matching_on", "mask"),
+        matching_cost=getattr(config, "matching_cost", "dice_bce"),
+        match_full_grid=bool(getattr(config, "matching_full_grid", False)),
+        order_prior=config.slot_order_prior,
+        normalization=getattr(config, "loss_normalization", "pairs"),
+        dice_eps=float(getattr(config, "dice_eps", 1.0)),
     )
 
 

@@ -69,6 +69,7 @@ from .grpo_resume import (
     ResumableRepeatSampler,
 )
 from .rewards import format_reward
+from .sft import set_training_step
 
 logger = logging.getLogger(__name__)
 
@@ -560,6 +561,7 @@ class SegCompassGRPOTrainer(GRPOResumeMixin, AtomicCheckpointMixin, GRPOTrainer)
             num_objects=inputs["num_objects"],
             valid_mask=inputs.get("valid_mask"),
         )
+        set_training_step(model, self.state.global_step)  # the model's loss schedule
         capture = PolicyForwardCapture(
             targets, with_mask_loss=self.args.mask_loss_in_policy_forward
         )

@@ -242,6 +242,28 @@ def build_param_groups(
     return list(groups.values())
 
 
+def set_training_step(model: nn.Module, step: int) -> None:
+    """Set ``training_step`` (optimisation steps done) on the SegCompass model inside `model`.
+
+    The model's loss schedule (``config.loss_schedule_step``) reads it, as upstream's actor
+    reads its ``global_steps``: `SegCompassTrainer` and the GRPO trainer call this with the
+    Trainer's ``state.global_step`` before each step; a custom loop calls it itself. Wrappers
+    (DDP ``.module``, PEFT ``get_base_model()``, ``torch.compile``'s ``_orig_mod``) are looked
+    through.
+    """
+    inner = model
+    for _ in range(8):  # a few nested wrappers at most
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "module", None), nn.Module):
+            inner = inner.module
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            inner = inner._orig_mod
+        else:
+            break
+    inner.training_step = int(step)
+
+
 class SegCompassTrainer(AtomicCheckpointMixin, Trainer):
     """`transformers.Trainer` with per-module learning rates, atomic checkpoints, loss parts.
 
@@ -279,6 +301,11 @@ class SegCompassTrainer(AtomicCheckpointMixin, Trainer):
         self.model_accepts_loss_kwargs = False
         self._loss_part_sums: dict[str, float] = {}
         self._loss_part_counts: dict[str, int] = {}
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        """The Trainer's step, after telling the model how many steps are done (`set_training_step`)."""
+        set_training_step(model, self.state.global_step)
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer class and kwargs over :func:`build_param_groups`."""
@@ -463,6 +490,7 @@ __all__ = [
     "merge_lora",
     "module_of_parameter",
     "save_lora_adapter",
+    "set_training_step",
     "sft_training_arguments",
     "train_sft",
 ]
