@@ -1,7 +1,7 @@
 """Configuration of SegCompass (arXiv 2605.22658).
 
 This file travels with saved models (remote code): it imports only transformers and its flat
-sibling loading.py.
+siblings loading.py and config_presets.py (the presets' fields).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig, SamConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .config_presets import PAPER_BACKBONES as PAPER_BACKBONES  # re-exported
+from .config_presets import paper_fields, tiny_fields, upstream_fields
 from .loading import verify_code_checksums
 
 SAE_ARCHITECTURES = ("relu", "topk", "jumprelu")
@@ -22,16 +24,10 @@ SPECIAL_TOKEN_FIELDS: dict[str, str] = {
     "think_end_token_id": "</think>",
 }
 IMAGE_ENCODERS = ("sam", "conv", "none")
-
-# Published backbone settings used by `SegCompassConfig.paper` (arXiv 2605.22658, the model).
-# name -> (vlm model_type, sae_layer). The authors' code feeds the SAE `hidden_states[13]`
-# (Qwen2.5-VL-7B) / `hidden_states[16]` (LLaVA); entry 0 is the embedding output, so these are
-# the outputs of decoder layers 12 / 15, which is what `sae_layer` names.
-PAPER_BACKBONES: dict[str, tuple[str, int]] = {
-    "qwen2.5-vl-7b": ("qwen2_5_vl", 12),
-    "llava-1.5-7b": ("llava", 15),
-    "llava-1.5-13b": ("llava", 15),
-}
+#: `slot_mapper_type`: this package's `SlotMapper` or the authors' head (`UpstreamSlotMapper`).
+SLOT_MAPPER_TYPES = ("segcompass", "upstream")
+#: `slot_order`: which `<REF_POS>` feeds slot 0 (`vlm_states.gather_ref_hidden_states`).
+SLOT_ORDERS = ("reading", "last_first")
 
 
 class SegCompassConfig(PreTrainedConfig):
@@ -74,6 +70,14 @@ class SegCompassConfig(PreTrainedConfig):
         num_slots (`int`): K, the number of `<REF_POS>` tokens / slots / masks.
         slot_mapper_heads (`int`): heads of the slot-to-image similarity.
         slot_fuser_channels (`int`): width of the conv fuser that turns similarity maps into a heatmap.
+        slot_mapper_type (`str`): `"segcompass"` ([`SlotMapper`], this package's head) or
+            `"upstream"` ([`UpstreamSlotMapper`], the authors' `SlotAttnHeatmapHead` with their
+            parameter names; `slot_fuser_channels` is unused, its fuser is `slot_mapper_heads` wide).
+        slot_order (`str`): `"reading"`: slot k reads the k-th of the last K `<REF_POS>` tokens in
+            the order of the text; `"last_first"` (the authors' code): slot 0 reads the last one.
+        heatmap_outside_fill (`float`, *optional*): heatmap logits outside the unpadded image
+            (the forward's `valid_mask`) are set to this before they become SAM's prompt (the
+            authors' code: -50.0); None leaves them. Without a `valid_mask` nothing is filled.
         ref_token_id (`int`, *optional*): id of `<REF_POS>`. The tokenizer decides it (a
             Qwen2.5-VL tokenizer gets it appended after its own tokens), so presets leave it
             None and the assembly (`from_backbones`) or `special_token_ids_from(tokenizer)`
@@ -149,6 +153,9 @@ class SegCompassConfig(PreTrainedConfig):
     num_slots: int = 1
     slot_mapper_heads: int = 8
     slot_fuser_channels: int = 32
+    slot_mapper_type: str = "segcompass"
+    slot_order: str = "reading"
+    heatmap_outside_fill: float | None = None
     # token ids
     ref_token_id: int | None = None
     think_start_token_id: int | None = None
@@ -232,6 +239,15 @@ class SegCompassConfig(PreTrainedConfig):
             fail("sae_architecture", f"one of {SAE_ARCHITECTURES}", self.sae_architecture)
         if self.image_encoder_type not in IMAGE_ENCODERS:
             fail("image_encoder_type", f"one of {IMAGE_ENCODERS}", self.image_encoder_type)
+        if self.slot_mapper_type not in SLOT_MAPPER_TYPES:
+            fail("slot_mapper_type", f"one of {SLOT_MAPPER_TYPES}", self.slot_mapper_type)
+        if self.slot_order not in SLOT_ORDERS:
+            fail("slot_order", f"one of {SLOT_ORDERS}", self.slot_order)
+        fill = self.heatmap_outside_fill
+        if fill is not None and (
+            not isinstance(fill, (int, float)) or isinstance(fill, bool) or not math.isfinite(fill)
+        ):
+            fail("heatmap_outside_fill", "a finite number or None", fill)
         for name in ("d_sae", "codebook_dim", "codebook_layers", "codebook_heads", "num_slots",
                      "slot_mapper_heads", "slot_fuser_channels", "codebook_ffn_dim",
                      "conv_encoder_width"):  # fmt: skip
@@ -447,102 +463,19 @@ class SegCompassConfig(PreTrainedConfig):
         at 64 px), a conv image encoder giving a (B, 32, 16, 16) embedding, SAM prompt
         encoder / mask decoder of width 32, masks at 64x64 (docs/model.md).
         """
-        vlm_config = {
-            "model_type": "qwen2_5_vl",
-            "text_config": {
-                "vocab_size": vocab_size,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 512,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "rope_theta": 10000.0,
-                    "mrope_section": [2, 2, 4],
-                },
-                "bos_token_id": eos_token_id,
-                "eos_token_id": eos_token_id,
-                "pad_token_id": pad_token_id,
-                "tie_word_embeddings": True,
-            },
-            "vision_config": {
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "patch_size": 8,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "window_size": 32,
-                "out_hidden_size": 64,
-                "fullatt_block_indexes": [1],
-            },
-            "image_token_id": image_token_id,
-            "video_token_id": video_token_id,
-            "vision_start_token_id": vision_start_token_id,
-            "vision_end_token_id": vision_end_token_id,
-            "tie_word_embeddings": True,
-        }
-        embed = image_size // 4
-        sam_config = {
-            "vision_config": {
-                "hidden_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "mlp_dim": 64,
-                "image_size": image_size,
-                "patch_size": 4,
-                "output_channels": 32,
-                "global_attn_indexes": [1],
-                "window_size": 4,
-                "num_pos_feats": 16,
-                # std of SAM's random Fourier positional features; 1.0 as in the original SAM
-                # (transformers' default of hidden_size // 2 only matters for loaded checkpoints)
-                "scale": 1.0,
-            },
-            "prompt_encoder_config": {
-                "hidden_size": 32,
-                "image_size": image_size,
-                "patch_size": 4,
-                # SAM's own value. With 8, the mask embedding's first LayerNorm normalises
-                # over 2 channels, where it can only output (+-1, -+1): the heatmap prompt
-                # became a 0/1 map and the trained decoder ignored it (docs/interpretability.md)
-                "mask_input_channels": 16,
-                "image_embedding_size": embed,
-            },
-            "mask_decoder_config": {
-                "hidden_size": 32,
-                "mlp_dim": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "iou_head_hidden_dim": 32,
-            },
-        }
-        defaults: dict[str, Any] = {
-            "vlm_config": vlm_config,
-            "sam_config": sam_config,
-            "image_encoder_type": "conv",
-            "conv_encoder_width": 48,
-            "sae_layer": 0,
-            "d_sae": 512,
-            "sae_architecture": "topk",
-            "sae_k": 16,
-            "sae_reconstruction_weight": 0.1,
-            "slot_order_prior": 1.0,
-            "codebook_dim": 64,
-            "codebook_layers": 2,
-            "codebook_heads": 4,
-            "codebook_ffn_dim": 128,
-            "num_slots": 3,
-            "slot_mapper_heads": 4,
-            "slot_fuser_channels": 16,
-            "ref_token_id": ref_token_id,
-            "think_start_token_id": think_start_token_id,
-            "think_end_token_id": think_end_token_id,
-            "initializer_range": 0.02,
-        }
+        defaults = tiny_fields(
+            vocab_size=vocab_size,
+            ref_token_id=ref_token_id,
+            image_token_id=image_token_id,
+            video_token_id=video_token_id,
+            vision_start_token_id=vision_start_token_id,
+            vision_end_token_id=vision_end_token_id,
+            think_start_token_id=think_start_token_id,
+            think_end_token_id=think_end_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            image_size=image_size,
+        )
         defaults.update(overrides)
         return cls(**defaults)
 
@@ -568,99 +501,35 @@ class SegCompassConfig(PreTrainedConfig):
         (a tokenizer or processor that has them) to take them from it, or leave them None for
         the assembly to set; a model refuses to run until `ref_token_id` is set.
         """
-        if vlm not in PAPER_BACKBONES:
-            raise ValueError(
-                f"SegCompassConfig.paper: unknown vlm {vlm!r}; expected one of "
-                f"{sorted(PAPER_BACKBONES)}. For another backbone, build SegCompassConfig(vlm_config=...) "
-                "directly or use SegCompassForReasoningSegmentation.from_backbones."
-            )
-        model_type, sae_layer = PAPER_BACKBONES[vlm]
-        if vlm == "qwen2.5-vl-7b":
-            vlm_config: dict[str, Any] = {
-                "model_type": model_type,
-                "text_config": {
-                    "vocab_size": 152064,
-                    "hidden_size": 3584,
-                    "intermediate_size": 18944,
-                    "num_hidden_layers": 28,
-                    "num_attention_heads": 28,
-                    "num_key_value_heads": 4,
-                    "max_position_embeddings": 128000,
-                    "rope_parameters": {
-                        "rope_type": "default",
-                        "rope_theta": 1000000.0,
-                        "mrope_section": [16, 24, 24],
-                    },
-                    "bos_token_id": 151643,
-                    "eos_token_id": 151645,
-                },
-                "vision_config": {
-                    "depth": 32,
-                    "hidden_size": 1280,
-                    "intermediate_size": 3420,
-                    "num_heads": 16,
-                    "patch_size": 14,
-                    "spatial_merge_size": 2,
-                    "temporal_patch_size": 2,
-                    "window_size": 112,
-                    "out_hidden_size": 3584,
-                    "fullatt_block_indexes": [7, 15, 23, 31],
-                },
-                "image_token_id": 151655,
-                "video_token_id": 151656,
-                "vision_start_token_id": 151652,
-                "vision_end_token_id": 151653,
-            }
-        else:
-            big = vlm == "llava-1.5-13b"
-            vlm_config = {
-                "model_type": model_type,
-                "text_config": {
-                    "model_type": "llama",
-                    "vocab_size": 32064,
-                    "hidden_size": 5120 if big else 4096,
-                    "intermediate_size": 13824 if big else 11008,
-                    "num_hidden_layers": 40 if big else 32,
-                    "num_attention_heads": 40 if big else 32,
-                    "num_key_value_heads": 40 if big else 32,
-                    "max_position_embeddings": 4096,
-                },
-                "vision_config": {
-                    "model_type": "clip_vision_model",
-                    "hidden_size": 1024,
-                    "intermediate_size": 4096,
-                    "num_hidden_layers": 24,
-                    "num_attention_heads": 16,
-                    "patch_size": 14,
-                    "image_size": 336,
-                    "projection_dim": 768,
-                },
-                "image_token_index": 32000,
-            }
-        defaults: dict[str, Any] = {
-            "vlm_config": vlm_config,
-            # SAM ViT-H (facebook/sam-vit-huge)
-            "sam_config": {
-                "vision_config": {
-                    "hidden_size": 1280,
-                    "num_hidden_layers": 32,
-                    "num_attention_heads": 16,
-                    "mlp_dim": 5120,
-                    "global_attn_indexes": [7, 15, 23, 31],
-                },
-            },
-            "image_encoder_type": "sam",
-            "sae_layer": sae_layer,
-            "d_sae": 65536,
-            "sae_architecture": "topk",
-            "codebook_dim": 512,
-            "codebook_layers": 2,
-            "codebook_heads": 8,
-            "codebook_ffn_dim": 2048,
-            "num_slots": num_slots,
-            "slot_mapper_heads": 8,
-            "slot_fuser_channels": 32,
-        }
+        defaults = paper_fields(vlm, num_slots)
+        if tokenizer is not None:
+            defaults.update(cls.special_token_ids_from(tokenizer))
+        defaults.update(overrides)
+        return cls(**defaults)
+
+    @classmethod
+    def upstream(
+        cls,
+        base: str = "qwen2.5-vl-7b",
+        *,
+        num_slots: int = 4,
+        tokenizer: Any = None,
+        **overrides: Any,
+    ) -> SegCompassConfig:
+        """The model as the authors' code runs it (github.com/ZhenyuLU-Heliodore/SegCompass:
+        verl/modeling.py and the launch scripts scripts/train/*/).
+
+        `base` is one of `PAPER_BACKBONES`, with `paper()`'s VLM and SAM ViT-H configs. The
+        choices that differ from `paper()`: a relu SAE without `b_dec` subtracted from its
+        input and the |a| < 2.0 threshold before the codebook, the authors' slot head
+        (`slot_mapper_type="upstream"`, 4 heads: their `heatmap_head.*` tensors load into
+        it), slot 0 reading the last `<REF_POS>`, heatmap prompts filled with -50 outside the
+        image, and the launch scripts' loss weights before their switch step (seg 0.3, conf
+        0.2, heatmap BCE 1, mask and heatmap Dice 0.8, focal 0, no IoU-head loss, pure
+        Hungarian). docs/model.md lists every difference with `paper()`. `tokenizer=` and
+        the special-token ids work as in `paper()`.
+        """
+        defaults = upstream_fields(base, num_slots)
         if tokenizer is not None:
             defaults.update(cls.special_token_ids_from(tokenizer))
         defaults.update(overrides)

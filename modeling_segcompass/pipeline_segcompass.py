@@ -320,6 +320,7 @@ def segment(
         pixel_values=enc.get("pixel_values"),
         image_grid_thw=enc.get("image_grid_thw"),
         sam_pixel_values=enc["sam_pixel_values"],
+        valid_mask=enc.get("valid_mask"),  # the image area, for config.heatmap_outside_fill
         compute_logits=False,
     )
     masks = processor.post_process_masks(

@@ -6,12 +6,17 @@ fused query, head by head, with the image embedding; a small conv fuser turns th
 per-head similarity maps into one heatmap, upsampled x4 to the mask grid. A confidence
 head says whether the slot holds an object.
 
+`UpstreamSlotMapper` is the authors' head (`SlotAttnHeatmapHead` in verl/modeling.py of
+github.com/ZhenyuLU-Heliodore/SegCompass) with the same parameter names and shapes, so their
+`heatmap_head.*` tensors load into it one to one; `config.slot_mapper_type` picks it.
+
 This file travels with saved models (remote code): it imports only torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +31,8 @@ class SlotMapperOutput:
         heatmap_logits: (B, K, 4E, 4E) where each slot points on the image.
         conf_logits: (B, K) does the slot hold an object.
         similarity: (B, K, heads, E, E) per-head similarity maps before the fuser.
-        queries: (B, K, C) fused slot queries.
+        queries: fused slot queries, (B, K, C) from [`SlotMapper`], (B, K, d) from
+            [`UpstreamSlotMapper`] (it fuses in the LLM width).
     """
 
     heatmap_logits: torch.Tensor
@@ -138,4 +144,134 @@ class SlotMapper(nn.Module):
         )
 
 
-__all__ = ["SlotMapper", "SlotMapperOutput"]
+class _BiasStartConv2d(nn.Conv2d):
+    """A Conv2d whose bias starts at a constant (its weight keeps PyTorch's default init)."""
+
+    def __init__(self, *args: Any, bias_start: float, **kwargs: Any) -> None:
+        self.bias_start = bias_start
+        super().__init__(*args, **kwargs)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.fill_(self.bias_start)
+
+
+class UpstreamSlotMapper(nn.Module):
+    """The authors' slot head: fusion in the LLM width, 4 heads, a two-conv fuser.
+
+    Per slot: `querybook_proj` (d_q -> d, no bias) projects the codebook slot; `ref_fuse`
+    (LayerNorm(2d) -> Linear(2d -> d) -> SiLU) fuses cat[`<REF_POS>` state, projected slot];
+    `q_proj` (d -> C, no bias) and the 1x1 conv `k_proj` (C -> C, no bias) give per-head
+    query / key maps whose scaled dot products the fuser (conv3x3(h -> h) -> SiLU ->
+    conv3x3(h -> 1), last bias starting at -1.8 so heatmaps start mostly "off") turns into
+    one E x E map, upsampled bilinearly to the mask grid. `conf_head` (LayerNorm(d) ->
+    Linear(d -> d/2) -> SiLU -> Linear(d/2 -> 1)) reads the fused query only.
+
+    Args:
+        codebook_dim: slot width d_q.
+        llm_hidden_size: width d of the `<REF_POS>` hidden states.
+        image_channels: C, channels of the image embedding.
+        num_heads: similarity heads (C must be divisible by it; 4 upstream).
+        upsample: factor from the embedding grid E to the mask grid (4 for SAM).
+        fuser_bias_init: starting bias of the fuser's last conv.
+    """
+
+    def __init__(
+        self,
+        *,
+        codebook_dim: int,
+        llm_hidden_size: int,
+        image_channels: int,
+        num_heads: int = 4,
+        upsample: int = 4,
+        fuser_bias_init: float = -1.8,
+    ) -> None:
+        super().__init__()
+        if image_channels % num_heads:
+            raise ValueError(
+                f"UpstreamSlotMapper: image_channels ({image_channels}) must be divisible by "
+                f"num_heads ({num_heads})."
+            )
+        if llm_hidden_size < 2:
+            raise ValueError(
+                f"UpstreamSlotMapper: llm_hidden_size must be >= 2 (the confidence head halves "
+                f"it); got {llm_hidden_size}."
+            )
+        self.num_heads = num_heads
+        self.head_dim = image_channels // num_heads
+        self.upsample = upsample
+        self.querybook_proj = nn.Linear(codebook_dim, llm_hidden_size, bias=False)
+        self.ref_fuse = nn.Sequential(
+            nn.LayerNorm(2 * llm_hidden_size),
+            nn.Linear(2 * llm_hidden_size, llm_hidden_size),
+            nn.SiLU(),
+        )
+        self.q_proj = nn.Linear(llm_hidden_size, image_channels, bias=False)
+        self.k_proj = nn.Conv2d(image_channels, image_channels, kernel_size=1, bias=False)
+        self.fuser = nn.Sequential(
+            nn.Conv2d(num_heads, num_heads, kernel_size=3, padding=1),
+            nn.SiLU(),
+            _BiasStartConv2d(num_heads, 1, kernel_size=3, padding=1, bias_start=fuser_bias_init),
+        )
+        self.conf_head = nn.Sequential(
+            nn.LayerNorm(llm_hidden_size),
+            nn.Linear(llm_hidden_size, llm_hidden_size // 2),
+            nn.SiLU(),
+            nn.Linear(llm_hidden_size // 2, 1),
+        )
+
+    def forward(
+        self,
+        slots: torch.Tensor,
+        ref_hidden_states: torch.Tensor,
+        image_embeddings: torch.Tensor,
+    ) -> SlotMapperOutput:
+        """
+        Args:
+            slots: (B, K, d_q) from the query codebook.
+            ref_hidden_states: (B, K, d) last-layer states at the `<REF_POS>` tokens (zeros
+                where the completion has fewer than K of them).
+            image_embeddings: (B, C, E, E).
+        """
+        batch, num_slots, _ = slots.shape
+        if ref_hidden_states.shape[:2] != (batch, num_slots):
+            raise ValueError(
+                f"UpstreamSlotMapper: ref_hidden_states must be (B={batch}, K={num_slots}, d); "
+                f"got {tuple(ref_hidden_states.shape)}."
+            )
+        if image_embeddings.dim() != 4 or image_embeddings.shape[0] != batch:
+            raise ValueError(
+                f"UpstreamSlotMapper: image_embeddings must be (B={batch}, C, E, E); got "
+                f"{tuple(image_embeddings.shape)}."
+            )
+        _, _, height, width = image_embeddings.shape
+        projected = self.querybook_proj(slots)  # (B, K, d)
+        fused = self.ref_fuse(
+            torch.cat([ref_hidden_states.to(projected.dtype), projected], dim=-1)
+        )  # (B, K, d): the <REF_POS> state comes first in the concatenation
+        queries = self.q_proj(fused).view(batch, num_slots, self.num_heads, self.head_dim)
+        keys = self.k_proj(image_embeddings).view(
+            batch, self.num_heads, self.head_dim, height * width
+        )  # (B, heads, C/heads, E*E)
+        similarity = torch.einsum("bkhc,bhcn->bkhn", queries, keys) * self.head_dim**-0.5
+        similarity = similarity.reshape(batch * num_slots, self.num_heads, height, width)
+        heatmap = self.fuser(similarity)  # (B*K, 1, E, E)
+        heatmap = F.interpolate(
+            heatmap,
+            size=(height * self.upsample, width * self.upsample),
+            mode="bilinear",
+            align_corners=False,
+        )  # (B*K, 1, 4E, 4E)
+        heatmap = heatmap.view(batch, num_slots, height * self.upsample, width * self.upsample)
+        conf = self.conf_head(fused).squeeze(-1)  # (B, K)
+        return SlotMapperOutput(
+            heatmap_logits=heatmap,
+            conf_logits=conf,
+            similarity=similarity.view(batch, num_slots, self.num_heads, height, width),
+            queries=fused,
+        )
+
+
+__all__ = ["SlotMapper", "SlotMapperOutput", "UpstreamSlotMapper"]

@@ -114,7 +114,7 @@ def evaluate_rows(
             inputs = {
                 k: enc[k].to(model.device)
                 for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                          "sam_pixel_values")
+                          "sam_pixel_values", "valid_mask")
             }  # fmt: skip
             with torch.no_grad():
                 out = model(**inputs, compute_logits=False)

@@ -14,10 +14,12 @@ from tests.helpers import HIDE_PACKAGE, build_tiny_model, make_batch
 # Files a saved model must carry (the modeling file and, recursively, its flat siblings).
 REMOTE_FILES = {
     "configuration_segcompass.py",
+    "config_presets.py",
     "modeling_segcompass.py",
     "sparse_autoencoder.py",
     "query_codebook.py",
     "slot_mapper.py",
+    "vlm_states.py",
     "conv_image_encoder.py",
     "losses.py",
     "matching.py",

@@ -1,0 +1,106 @@
+"""Where the model reads the VLM, and the heatmap prompt SAM gets.
+
+The VLM's decoder layers (the SAE input is captured at the output of one of them), the
+last-layer states at the `<REF_POS>` tokens in the slot order the config names, and the fill
+of heatmap logits outside the unpadded image before they become SAM's dense prompt.
+
+This file travels with saved models (remote code): it imports only torch and its flat
+sibling configuration_segcompass.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configuration_segcompass import SLOT_ORDERS
+
+
+def gather_ref_hidden_states(
+    hidden_states: torch.Tensor,
+    input_ids: torch.Tensor,
+    ref_token_id: int,
+    num_slots: int,
+    order: str = "reading",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-layer states at the last `num_slots` `<REF_POS>` tokens of each row.
+
+    Args:
+        hidden_states: (B, L, d).
+        input_ids: (B, L).
+        order: one of `SLOT_ORDERS`. "reading": the K-th from last `<REF_POS>` in slot 0 and
+            the last in slot K-1 (the order the answer names them); "last_first": the last
+            `<REF_POS>` in slot 0, the one before it in slot 1, ... (the authors' code,
+            `VLRefSegCore.get_ref_vec` in verl/modeling.py of ZhenyuLU-Heliodore/SegCompass).
+    Returns:
+        states (B, K, d), zeros where a row has fewer than K `<REF_POS>` tokens (the empty
+        slots are the last ones in both orders), and present (B, K) bool.
+    """
+    if order not in SLOT_ORDERS:
+        raise ValueError(
+            f"gather_ref_hidden_states: order must be one of {SLOT_ORDERS}; got {order!r}."
+        )
+    batch, _, dim = hidden_states.shape
+    is_ref = input_ids == ref_token_id  # (B, L)
+    count = is_ref.sum(-1, keepdim=True)  # (B, 1)
+    # number of <REF_POS> at or after each position: the last K have rank 1..K
+    rank_from_end = is_ref.flip(-1).long().cumsum(-1).flip(-1)  # (B, L)
+    if order == "reading":
+        slot = count.clamp(max=num_slots) - rank_from_end  # (B, L): slot index of each kept ref
+    else:
+        slot = rank_from_end - 1
+    take = is_ref & (rank_from_end <= num_slots)
+    rows, cols = take.nonzero(as_tuple=True)
+    states = hidden_states.new_zeros(batch, num_slots, dim)
+    states[rows, slot[rows, cols]] = hidden_states[rows, cols]
+    present = torch.arange(num_slots, device=input_ids.device).unsqueeze(0) < count.clamp(
+        max=num_slots
+    )  # (B, K)
+    return states, present
+
+
+def fill_outside_image(
+    heatmap_logits: torch.Tensor, valid_mask: torch.Tensor | None, value: float | None
+) -> torch.Tensor:
+    """Heatmap logits with `value` on the mask-grid cells outside the unpadded image.
+
+    The authors' code sets -50 there before the prompt encoder (only SAM's prompt; the
+    heatmap losses read the unfilled logits). Their valid area is rows < ceil(h / 4) and
+    columns < ceil(w / 4) of the 256 grid for a (h, w) image inside the 1024 frame, which is
+    the processor's `valid_mask`.
+
+    Args:
+        heatmap_logits: (B, K, M, M).
+        valid_mask: (B, M, M) bool, True on the image; None leaves the logits as they are.
+        value: the fill; None leaves the logits as they are.
+    """
+    if value is None or valid_mask is None:
+        return heatmap_logits
+    outside = ~valid_mask.to(device=heatmap_logits.device, dtype=torch.bool).unsqueeze(1)
+    return heatmap_logits.masked_fill(outside, value)  # (B, K, M, M)
+
+
+def _decoder_layers(vlm: nn.Module) -> nn.ModuleList:
+    """The language model's decoder layers of an image-text-to-text model."""
+    candidates = []
+    base = getattr(vlm, "model", vlm)
+    language_model = getattr(base, "language_model", None)
+    if language_model is not None:
+        candidates.append(getattr(language_model, "layers", None))
+        inner = getattr(language_model, "model", None)
+        if inner is not None:
+            candidates.append(getattr(inner, "layers", None))
+    if hasattr(vlm, "get_decoder"):
+        decoder = vlm.get_decoder()
+        candidates.append(getattr(decoder, "layers", None))
+    for layers in candidates:
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise ValueError(
+        f"SegCompass: cannot find the decoder layers of {type(vlm).__name__} "
+        "(looked for .model.language_model.layers and get_decoder().layers); "
+        "this VLM family is not supported yet, please open an issue."
+    )
+
+
+__all__ = ["SLOT_ORDERS", "fill_outside_image", "gather_ref_hidden_states"]
