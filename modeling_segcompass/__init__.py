@@ -20,7 +20,7 @@ from .modeling_segcompass import (
 )
 from .pipeline_segcompass import register_pipeline
 from .query_codebook import QueryCodebook
-from .slot_mapper import SlotMapper
+from .slot_mapper import SlotMapper, UpstreamSlotMapper
 from .sparse_autoencoder import SparseAutoencoder
 
 __version__ = "0.1.0"
@@ -73,5 +73,6 @@ __all__ = [
     "SegCompassPreTrainedModel",
     "SlotMapper",
     "SparseAutoencoder",
+    "UpstreamSlotMapper",
     *_LAZY,
 ]
