@@ -217,6 +217,10 @@ UPSTREAM_TINY = {
 def test_forward_with_the_upstream_head_fills_only_sams_prompt(tmp_path):
     model = build_tiny_model(**UPSTREAM_TINY)
     assert isinstance(model.slot_mapper, UpstreamSlotMapper)
+    # the model's init keeps the fuser's starting bias; its names are the authors' keys
+    assert model.slot_mapper.fuser[-1].bias.detach().tolist() == pytest.approx([-1.8])
+    names = {k.removeprefix("slot_mapper.") for k in model.state_dict() if k.startswith("slot_")}
+    assert names == set(upstream_shapes(1, 1, 1, 1))
     batch = make_batch(model.config, [3, 2], with_targets=True)
     with torch.no_grad():
         out = model(**batch)
