@@ -26,8 +26,9 @@ _FORWARD_KEYS = (
     "image_grid_thw",
     "sam_pixel_values",
     "image_embeddings",
+    "valid_mask",  # the image area: the losses' and `config.heatmap_outside_fill`'s
 )
-_TARGET_KEYS = ("gt_masks", "num_objects", "valid_mask")
+_TARGET_KEYS = ("gt_masks", "num_objects")
 
 
 def _device(model: Any) -> torch.device:
