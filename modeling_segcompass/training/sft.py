@@ -108,6 +108,16 @@ class ModuleLearningRates:
         return cls()
 
     @classmethod
+    def upstream(cls) -> ModuleLearningRates:
+        """The multipliers of the authors' code (`verl/workers/fsdp_workers.py`, the launch
+        scripts): codebook x30, slot mapper x25, prompt encoder x10, mask decoder x5 of the
+        base rate (their 1.6e-6, `upstream_recipe.UPSTREAM_BASE_LR`); the SAE (frozen during
+        RL) and SAM's image encoder (its embeddings are cached) at 0, i.e. frozen. Which VLM
+        parameters train is `upstream_recipe.freeze_like_upstream`."""
+        return cls(codebook=30.0, slot_mapper=25.0, prompt_encoder=10.0, mask_decoder=5.0,
+                   sae=0.0, image_encoder=0.0)  # fmt: skip
+
+    @classmethod
     def uniform(cls) -> ModuleLearningRates:
         """Every multiplier 1.0: one learning rate for everything (the tiny default)."""
         return cls(**{f.name: 1.0 for f in dataclasses.fields(cls)})
