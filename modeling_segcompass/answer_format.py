@@ -238,6 +238,54 @@ def format_score(answer: ParsedAnswer | str, num_ref: int = 1) -> float:
     return 1.0
 
 
+def _think_blocks(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each `<think> ... </think>` pair, every `<think>` closed by the FIRST
+    `</think>` after it and the next pair searched after that close (a non-greedy scan)."""
+    blocks, pos = [], 0
+    while (start := text.find(THINK_START, pos)) >= 0:
+        close = text.find(THINK_END, start + len(THINK_START))
+        if close < 0:
+            break
+        blocks.append((start, close + len(THINK_END)))
+        pos = close + len(THINK_END)
+    return blocks
+
+
+def upstream_format_score(text: str) -> float:
+    """The format reward of the authors' code (`verl/utils/reward_score/rseg_cot.py`), on text.
+
+    0.0 unless: the non-overlapping `<think> ... </think>` pairs (each `<think>` closed by the
+    first `</think>` after it) number exactly one and hold non-whitespace; the text holds
+    exactly one `<REF_POS>`, after that block. Then 0.9 if the block's content exceeds 2048
+    characters, non-whitespace stands before `<think>`, or more than 10 words stand between
+    `</think>` and `<REF_POS>`; else 1.0. Unlike `format_score` it wants one `<REF_POS>`
+    whatever the number of slots, and lets stray tags pass when the pairing still finds one
+    block (`"<think>a<think>b</think>"` is one block with content `"a<think>b"`).
+
+    >>> upstream_format_score("<think>red circle</think> <REF_POS>")
+    1.0
+    >>> upstream_format_score("<think>two</think><REF_POS><REF_POS>")
+    0.0
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"Expected the completion to be a str, got {type(text).__name__}.")
+    blocks = _think_blocks(text)
+    if len(blocks) != 1:
+        return 0.0
+    start, end = blocks[0]
+    content = text[start + len(THINK_START) : end - len(THINK_END)]
+    if not content.strip() or text.count(REF_TOKEN) != 1:
+        return 0.0
+    ref = text.index(REF_TOKEN)
+    if ref < end:
+        return 0.0
+    long_thought = len(content) > MAX_THINK_CHARS
+    words_between = len(text[end:ref].split())
+    if long_thought or text[:start].strip() or words_between > MAX_WORDS_BEFORE_REF:
+        return 0.9
+    return 1.0
+
+
 __all__ = [
     "ANSWER_TOKENS",
     "MAX_THINK_CHARS",
@@ -251,4 +299,5 @@ __all__ = [
     "grounding_problem",
     "parse_answer",
     "parse_answer_ids",
+    "upstream_format_score",
 ]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..answer_format import REF_TOKEN, format_score
+from ..answer_format import REF_TOKEN, format_score, upstream_format_score
 from ..matching import linear_sum_assignment, pairwise_soft_iou
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ __all__ = [
     "score_completion",
     "segcompass_reward",
     "single_mask_score",
+    "upstream_format_reward",
+    "upstream_format_score",
 ]
 
 #: Reward weights of the paper (its ablation finds 0.3 : 0.7 best; arXiv 2605.22658).
@@ -395,6 +397,16 @@ def format_reward(completions: list[Any], num_ref: Any = None, **kwargs: Any) ->
     """
     counts = _per_sample(num_ref, len(completions), "num_ref", 1)
     return [format_score(completion_text(c), int(n)) for c, n in zip(completions, counts)]
+
+
+def upstream_format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    """TRL reward function: the authors' format rule (`upstream_format_score`: exactly one
+    `<REF_POS>` whatever the number of slots) on every completion.
+
+    >>> upstream_format_reward(["<think>x</think><REF_POS>", "<think>x</think><REF_POS><REF_POS>"])
+    [1.0, 0.0]
+    """
+    return [upstream_format_score(completion_text(c)) for c in completions]
 
 
 def mask_reward(
