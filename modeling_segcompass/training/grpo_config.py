@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import GRPOConfig
 
-from .rewards import mask_reward, multi_object_mask_reward
+from .rewards import format_reward, mask_reward, multi_object_mask_reward, upstream_format_reward
+from .upstream_recipe import UPSTREAM_BASE_LR, UPSTREAM_FINAL_DIV_FACTOR, UPSTREAM_WEIGHT_DECAY
 
 __all__ = [
     "CONF_LOSS_COMPLETIONS",
+    "FORMAT_REWARDS",
     "MASK_LOSS_COMPLETIONS",
     "MASK_REWARDS",
     "SegCompassGRPOConfig",
@@ -27,6 +30,11 @@ __all__ = [
 MASK_REWARDS: dict[str, Callable[..., list[float | None]]] = {
     "multi_object": multi_object_mask_reward,
     "single": mask_reward,
+}
+#: Format-reward functions selectable by name in `SegCompassGRPOConfig.format_reward_rule`.
+FORMAT_REWARDS: dict[str, Callable[..., list[float]]] = {
+    "segcompass": format_reward,
+    "upstream": upstream_format_reward,
 }
 #: Choices of `SegCompassGRPOConfig.mask_loss_completions`.
 MASK_LOSS_COMPLETIONS = ("all", "above_group_mean")
@@ -64,6 +72,21 @@ class SegCompassGRPOConfig(GRPOConfig):
             "help": "Default mask reward: 'multi_object' (Hungarian mean IoU of the kept slots, "
             "handles no-target and several targets; num_objects=-1 rows use the single-object "
             "score) or 'single' (0.5 soft IoU + 0.2 soft Dice + 0.3 hard IoU of slot 0)."
+        },
+    )
+    format_reward_rule: str = field(
+        default="segcompass",
+        metadata={
+            "help": "Default format reward: 'segcompass' (`format_score`: exactly K <REF_POS> "
+            "for K slots, stray think tags refused) or 'upstream' (the authors' rule: exactly "
+            "one <REF_POS>, think blocks found by a non-greedy regex; `upstream_format_score`)."
+        },
+    )
+    reward_on_full_grid: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the masks on the whole 4E x 4E grid, SAM's padded area included, as "
+            "upstream does; False (default) scores only the unpadded image (`valid_mask`)."
         },
     )
     reward_conf_threshold: float = field(
@@ -143,6 +166,66 @@ class SegCompassGRPOConfig(GRPOConfig):
         },
     )
 
+    one_cycle_final_div_factor: float | None = field(
+        default=None,
+        metadata={
+            "help": "None: `lr_scheduler_type` applies. A number F: upstream's schedule "
+            "(torch OneCycleLR, pct_start 0, div_factor 1, cosine): from the peak down to "
+            "peak / F over the run (`upstream_recipe.one_cycle_cosine_factor`; upstream 6.7)."
+        },
+    )
+
+    @classmethod
+    def upstream(cls, output_dir: str, **overrides: Any) -> SegCompassGRPOConfig:
+        """The GRPO settings of the authors' launch scripts (github.com/ZhenyuLU-Heliodore/
+        SegCompass, scripts/train/*/gref_*_n8.sh over scripts/initial.yaml, verl's actor).
+
+        Group of 8, clip 0.2, temperature 1.0; KL coefficient 0.2 with the k3 estimator (the
+        scripts' `kl_loss_coef`, which overrides the yaml's 5e-3: the runs behind the paper
+        used the scripts); `loss_type="bnpo"`, TRL's token mean over the micro-batch, which is
+        verl's `masked_mean` of the clipped objective and the KL; base rate 1.6e-6 with the
+        multipliers of `ModuleLearningRates.upstream`, weight decay 0.01, OneCycle cosine to
+        1/6.7 of the peak, gradient norm clipped at 1; seg loss 0.3, confidence loss 0.2, no
+        SAE loss (frozen); rewards 0.3 format (upstream's rule) + 0.7 multi-object mask on
+        the full grid; completions up to 2000 tokens. Freeze the model with
+        `upstream_recipe.freeze_like_upstream` and build it with `SegCompassConfig.upstream`
+        (loss weights and schedule). Batch sizes are the caller's (upstream: 16 prompts x 8
+        completions per update on 8 GPUs, micro-batch 2). Anything can be overridden.
+        """
+        defaults: dict[str, Any] = {
+            "output_dir": output_dir,
+            "num_generations": 8,
+            "epsilon": 0.2,
+            "temperature": 1.0,
+            "beta": 0.2,
+            "loss_type": "bnpo",
+            "learning_rate": UPSTREAM_BASE_LR,
+            "weight_decay": UPSTREAM_WEIGHT_DECAY,
+            "adam_beta1": 0.9,
+            "adam_beta2": 0.999,
+            "max_grad_norm": 1.0,
+            "warmup_steps": 0,
+            "one_cycle_final_div_factor": UPSTREAM_FINAL_DIV_FACTOR,
+            "module_lr_multipliers": {
+                "codebook": 30.0,
+                "slot_mapper": 25.0,
+                "prompt_encoder": 10.0,
+                "mask_decoder": 5.0,
+            },  # fmt: skip
+            "seg_loss_weight": 0.3,
+            "conf_loss_weight": 0.2,
+            "sae_loss_weight": 0.0,
+            "format_reward_weight": 0.3,
+            "mask_reward_weight": 0.7,
+            "mask_reward": "multi_object",
+            "format_reward_rule": "upstream",
+            "reward_on_full_grid": True,
+            "reward_conf_threshold": 0.5,
+            "max_completion_length": 2000,
+        }
+        defaults.update(overrides)
+        return cls(**defaults)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in (
@@ -170,6 +253,17 @@ class SegCompassGRPOConfig(GRPOConfig):
             raise ValueError(
                 "SegCompassGRPOConfig.conf_loss_completions must be one of "
                 f"{CONF_LOSS_COMPLETIONS}; got {self.conf_loss_completions!r}."
+            )
+        if self.format_reward_rule not in FORMAT_REWARDS:
+            raise ValueError(
+                "SegCompassGRPOConfig.format_reward_rule must be one of "
+                f"{sorted(FORMAT_REWARDS)}; got {self.format_reward_rule!r}."
+            )
+        factor = self.one_cycle_final_div_factor
+        if factor is not None and (isinstance(factor, bool) or not 1 <= factor < float("inf")):
+            raise ValueError(
+                "SegCompassGRPOConfig.one_cycle_final_div_factor must be None or a number >= 1; "
+                f"got {factor!r}."
             )
         if self.mask_reward not in MASK_REWARDS:
             raise ValueError(

@@ -52,7 +52,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import pad
 
 from .checkpointing import AtomicCheckpointMixin
-from .grpo_config import MASK_REWARDS, SegCompassGRPOConfig
+from .grpo_config import FORMAT_REWARDS, MASK_REWARDS, SegCompassGRPOConfig
 from .grpo_data import SegmentationTargets, build_grpo_dataset, grpo_row, segmentation_targets
 from .grpo_forward import (
     PolicyForwardCapture,
@@ -68,8 +68,8 @@ from .grpo_resume import (
     GRPOResumeMixin,
     ResumableRepeatSampler,
 )
-from .rewards import format_reward
 from .sft import set_training_step
+from .upstream_recipe import one_cycle_cosine_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class SegCompassGRPOTrainer(GRPOResumeMixin, AtomicCheckpointMixin, GRPOTrainer)
                 f"{type(args).__name__}."
             )
         if reward_funcs is None:
-            reward_funcs = [format_reward, MASK_REWARDS[args.mask_reward]]
+            reward_funcs = [FORMAT_REWARDS[args.format_reward_rule], MASK_REWARDS[args.mask_reward]]
             if args.reward_weights is None:
                 args.reward_weights = [args.format_reward_weight, args.mask_reward_weight]
 
@@ -329,6 +329,16 @@ class SegCompassGRPOTrainer(GRPOResumeMixin, AtomicCheckpointMixin, GRPOTrainer)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """The Trainer's scheduler, or upstream's OneCycle cosine with `one_cycle_final_div_factor`."""
+        factor = self.args.one_cycle_final_div_factor
+        if factor is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = self.optimizer if optimizer is None else optimizer
+        self.lr_scheduler = one_cycle_cosine_scheduler(optimizer, num_training_steps, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
     # ------------------------------------------------------------------ rollout
     def _tokenize_prompts(self, prompts: list) -> Any:
         prompt_ids, images, fields = super()._tokenize_prompts(prompts)
@@ -425,7 +435,8 @@ class SegCompassGRPOTrainer(GRPOResumeMixin, AtomicCheckpointMixin, GRPOTrainer)
             row = dict(example)
             row["pred_mask_logits"] = masks[i]
             row["conf_logits"] = confs[i]
-            row["valid_mask"] = valids[i]
+            # upstream scores the whole grid, SAM's padding included (`reward_on_full_grid`)
+            row["valid_mask"] = None if self.args.reward_on_full_grid else valids[i]
             if "gt_masks" in row and row["gt_masks"] is not None:
                 row["gt_masks"] = torch.as_tensor(np.asarray(row["gt_masks"]), dtype=torch.float32)
             row.setdefault("num_ref", num_slots)
