@@ -36,6 +36,8 @@ _LAZY = {
     "SegCompassProcessor": "processing_segcompass",
     "SegCompassCollator": "data.collator",
     "build_tiny_tokenizer": "assembly.tokenizer_builder",
+    "convert_upstream_checkpoint": "assembly.upstream",
+    "convert_upstream_state_dict": "assembly.upstream",
     "SegmentationMetrics": "evaluation.metrics",
     "MetricsResult": "evaluation.metrics",
     "segmentation_metrics": "evaluation.metrics",

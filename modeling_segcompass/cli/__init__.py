@@ -1,12 +1,13 @@
 """Command line: the ``segcompass`` console script (demo, train-sae, sft, grpo, eval, predict,
-export), library side (never copied next to a saved model).
+export, convert-upstream), library side (never copied next to a saved model).
 
 `main` parses the arguments (`parser.build_parser`), runs the command's handler and turns its
 errors into exit codes: 0 success; 2 a user error (missing file, bad option, model folder
 without config or processor, malformed data), reported as one line on stderr; 1 an unexpected
 failure (one line too; ``--debug`` shows the traceback); 130 interrupted. Each command lives
 in a module of its group: `train` (train-sae, sft, grpo), `evaluate` (eval), `predict`,
-`export`, `demo_command` (demo); `data` reads ``--data`` and `model_folder` opens ``--model``.
+`export`, `convert` (convert-upstream), `demo_command` (demo); `data` reads ``--data`` and
+`model_folder` opens ``--model``.
 ``python -m modeling_segcompass.cli`` runs `main`.
 """
 

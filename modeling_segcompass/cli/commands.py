@@ -5,6 +5,7 @@ parser, the command handlers, and the helpers to read ``--data`` and open ``--mo
 from ..evaluation.rows import EvaluationRun, evaluate_rows
 from . import USER_ERRORS, main
 from .common import PROG, USAGE_ERROR, CLIError
+from .convert import cmd_convert_upstream
 from .data import DATA_HELP, DataSpec, load_rows, parse_data_spec
 from .demo_command import cmd_demo
 from .evaluate import cmd_eval
@@ -27,6 +28,7 @@ __all__ = [
     "EvaluationRun",
     "LoadedModel",
     "build_parser",
+    "cmd_convert_upstream",
     "cmd_demo",
     "cmd_eval",
     "cmd_export",

@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from .common import PROG
+from .convert import cmd_convert_upstream
 from .data import DATA_HELP
 from .demo_command import cmd_demo
 from .evaluate import cmd_eval
@@ -379,6 +380,60 @@ def _add_export_parser(subparsers: Any) -> None:
     ex.set_defaults(handler=cmd_export)
 
 
+def _add_convert_upstream_parser(subparsers: Any) -> None:
+    """The ``convert-upstream`` subcommand: its options and handler."""
+    cv = _add_command(
+        subparsers,
+        "convert-upstream",
+        "Convert a checkpoint of the authors' code (github.com/ZhenyuLU-Heliodore/SegCompass) "
+        "into a model folder of this package, built as SegCompassConfig.upstream(...).",
+        [_common(model=False, progress=False)],
+        epilog="Torch files are read with torch.load(weights_only=True) only: a file holding "
+        "anything but a plain dict of tensors (a pickle of arbitrary objects) is refused.\n"
+        "The folder loads with AutoModel.from_pretrained(folder, trust_remote_code=True).",
+    )  # fmt: skip
+    cv.add_argument(
+        "checkpoint_dir",
+        help="a step folder of upstream's trainer holding refseg_modules.pt (the sae, "
+        "query_book, heatmap_head, prompt_encoder and mask_decoder tensors) and llm_hf/ (the "
+        "LLM's config, tokenizer, processor and, when saved with save_llm_hf, its weights)",
+    )  # fmt: skip
+    cv.add_argument(
+        "output_dir", help="folder to write the model (safetensors) and its processor to"
+    )
+    cv.add_argument(
+        "--sam", required=True, metavar="PTH",
+        help="segment_anything's SAM checkpoint the model was trained with (upstream: "
+        "sam_vit_h_4b8939.pth); its ViT becomes the image encoder, the trained prompt encoder "
+        "and mask decoder come from refseg_modules.pt",
+    )  # fmt: skip
+    cv.add_argument(
+        "--sae", default=None, metavar="FOLDER",
+        help="the SAE as a SAELens folder (cfg.json + sae_weights.safetensors); optional when "
+        "refseg_modules.pt holds the sae.* tensors (upstream saves them there), which then win",
+    )  # fmt: skip
+    cv.add_argument(
+        "--base-model", default=None, metavar="FOLDER",
+        help="VLM folder (save_pretrained format) giving the LLM weights when llm_hf/ has none, "
+        "and the tokenizer / processor files when llm_hf/ lacks them",
+    )  # fmt: skip
+    cv.add_argument(
+        "--base", default=None, choices=("qwen2.5-vl-7b", "llava-1.5-7b", "llava-1.5-13b"),
+        help="which upstream preset to build (default: read from the VLM's config.json)",
+    )  # fmt: skip
+    cv.add_argument(
+        "--hook-layer", type=int, default=None, metavar="N",
+        help="upstream's worker.sae.hook_layer: the LLM hidden_states index that fed the SAE "
+        "(default: the launch scripts' value, 13 for Qwen2.5-VL-7B, 16 for LLaVA-1.5)",
+    )  # fmt: skip
+    cv.add_argument(
+        "--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+        help="dtype of the written weights (upstream trains in bfloat16)",
+    )  # fmt: skip
+    cv.add_argument("--overwrite", action="store_true", help="write into a non-empty output_dir")
+    cv.set_defaults(handler=cmd_convert_upstream)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``segcompass`` (one subparser per command)."""
     parser = argparse.ArgumentParser(
@@ -411,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_eval_parser,
         _add_predict_parser,
         _add_export_parser,
+        _add_convert_upstream_parser,
     ):
         add_parser(subparsers)
     return parser
