@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import SamModel
+from transformers import AddedToken, SamModel
 
+from ..answer_format import ANSWER_TOKENS
 from ..configuration_segcompass import SegCompassConfig
 from ..modeling_segcompass import SegCompassForReasoningSegmentation
 from ..sparse_autoencoder import SparseAutoencoder
@@ -321,6 +322,27 @@ def _sae_from_refseg(refseg: Mapping[str, torch.Tensor], hook_layer: int) -> Spa
     return sae
 
 
+def _unflag_answer_tokens(tokenizer: Any) -> None:
+    """Register `<REF_POS>`, `<think>`, `</think>` as non-special tokens (same ids).
+
+    Upstream registers `<REF_POS>` as a special token; decoding with
+    ``skip_special_tokens=True`` (as TRL does before the rewards read a completion) would
+    then drop it and every answer would look ungrounded. The saved tokenizer keeps the ids.
+    """
+    for token in ANSWER_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            continue
+        tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)])
+        for attribute in ("extra_special_tokens", "additional_special_tokens"):
+            listed = getattr(tokenizer, attribute, None)
+            if isinstance(listed, list) and token in [str(t) for t in listed]:
+                try:
+                    setattr(tokenizer, attribute, [t for t in listed if str(t) != token])
+                except (AttributeError, TypeError, ValueError):
+                    pass  # a tokenizer that keeps the list read-only: the flag is what counts
+
+
 def convert_upstream_checkpoint(
     checkpoint_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -355,6 +377,10 @@ def convert_upstream_checkpoint(
             the SAE; default: the launch script's value for `base` (13 / 16).
         dtype: dtype of the written model (upstream trains in bfloat16).
         overwrite: replace a non-empty `output_dir`.
+
+    The processor is `llm_hf/`'s tokenizer and image processor; `<think>` and `</think>` are
+    added when missing (upstream writes them as plain text) and `<REF_POS>` is registered as a
+    non-special token with its id unchanged (see `_unflag_answer_tokens`).
 
     Returns:
         The output folder; ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` loads
@@ -469,6 +495,7 @@ def convert_upstream_checkpoint(
             "The tokenizer lacked %s; they were added (with fresh embedding rows).",
             assembled.added_tokens,
         )
+    _unflag_answer_tokens(processor.tokenizer)
     converted = convert_upstream_state_dict(refseg, model.config)
     result = model.load_state_dict(converted, strict=False)
     if result.unexpected_keys:  # convert_upstream_state_dict checked the names; a bug if not

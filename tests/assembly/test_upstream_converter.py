@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AddedToken, Qwen2_5_VLForConditionalGeneration
+from transformers import AddedToken, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from modeling_segcompass import (
@@ -460,6 +460,15 @@ def test_converted_folder_loads_without_the_package_and_matches_upstream(
     assert torch.equal(
         model.mask_decoder.iou_token.weight, refseg["mask_decoder.iou_token.weight"]
     )  # the trained decoder of refseg_modules.pt, not the SAM .pth's
+    # <REF_POS> keeps upstream's id and survives skip_special_tokens (TRL's decoding)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    upstream_tokenizer = AutoTokenizer.from_pretrained(ckpt["llm_hf"])
+    ref_id = upstream_tokenizer.convert_tokens_to_ids("<REF_POS>")
+    assert config.ref_token_id == ref_id == tokenizer.convert_tokens_to_ids("<REF_POS>")
+    ids = tokenizer("<think> red </think> <REF_POS>", add_special_tokens=False)["input_ids"]
+    assert ref_id in ids
+    assert "<REF_POS>" in tokenizer.decode(ids, skip_special_tokens=True)
+    assert "<REF_POS>" not in upstream_tokenizer.decode([ref_id], skip_special_tokens=True)
     llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt["llm_hf"])
     rows = llm.get_input_embeddings().weight.shape[0]
     assert torch.equal(
