@@ -294,14 +294,7 @@ def _preset_fields(base: str, num_slots: int) -> dict[str, Any]:
     skip = {"vlm_config", "sam_config", "ref_token_id", "think_start_token_id",
             "think_end_token_id", "d_sae", "sae_architecture", "sae_k", "num_slots",
             "image_encoder_type", "tie_word_embeddings"}  # fmt: skip
-    upstream = getattr(SegCompassConfig, "upstream", None)
-    if upstream is not None:
-        preset = upstream(base=base, num_slots=num_slots)
-    else:  # upstream's choices that the paper preset does not hold
-        preset = SegCompassConfig.paper(
-            base, num_slots=num_slots, sae_architecture="relu", activation_threshold=2.0,
-            sae_apply_b_dec_to_input=False, slot_mapper_heads=4,
-        )  # fmt: skip
+    preset = SegCompassConfig.upstream(base=base, num_slots=num_slots)
     fields = SegCompassConfig.__annotations__
     names = [n for n in fields if n not in skip and "ClassVar" not in str(fields[n])]
     return {n: getattr(preset, n) for n in names if hasattr(preset, n)}
