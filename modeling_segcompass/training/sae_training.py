@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..modeling_segcompass import _decoder_layers
 from ..sparse_autoencoder import SparseAutoencoder
 from .sae_export import save_sae_lens
+from .sae_objective import SAE_RECONSTRUCTIONS, sae_pretraining_loss
 
 logger = logging.getLogger(__name__)
 
@@ -407,6 +408,7 @@ def train_sae(
     batch_size: int = 4096,
     lr: float = 1e-3,
     l1_coefficient: float = 1.0,
+    reconstruction: str = "mean",
     dead_window_tokens: int = 1_000_000,
     init_b_dec: str = "mean",
     eval_tokens: int = 65536,
@@ -433,6 +435,8 @@ def train_sae(
         batch_size: tokens per step.
         lr: Adam learning rate.
         l1_coefficient: weight of the L1 penalty (relu / jumprelu only).
+        reconstruction: "mean" (the MSE above) or "sum" (upstream: the squared error summed
+            over features; with ``l1_coefficient=5``, see :mod:`.sae_objective`).
         dead_window_tokens: a latent is dead when it fired on none of the last this-many
             training tokens.
         init_b_dec: "mean" sets ``b_dec`` to the mean of the evaluation tokens first (SAELens'
@@ -455,6 +459,8 @@ def train_sae(
         raise ValueError(f"train_sae: steps must be an int >= 1, got {steps!r}.")
     if l1_coefficient < 0 or not math.isfinite(l1_coefficient):
         raise ValueError(f"train_sae: l1_coefficient must be >= 0, got {l1_coefficient!r}.")
+    if reconstruction not in SAE_RECONSTRUCTIONS:
+        raise ValueError(f"train_sae: reconstruction must be one of {SAE_RECONSTRUCTIONS}.")
     if init_b_dec not in ("mean", "none"):
         raise ValueError(f"train_sae: init_b_dec must be 'mean' or 'none', got {init_b_dec!r}.")
     device, dtype = sae.W_enc.device, sae.W_enc.dtype
@@ -487,9 +493,10 @@ def train_sae(
         x = batch.to(device, dtype)  # (N, d_in)
         acts = sae.encode_dense(x)  # (N, d_sae)
         recon = sae.decode(acts)  # (N, d_in)
-        loss = (recon - x).pow(2).sum(-1).mean() / sae.d_in
-        if penalised:
-            loss = loss + l1_coefficient * (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
+        l1 = l1_coefficient if penalised else 0.0
+        loss = sae_pretraining_loss(
+            x, acts, recon, sae.W_dec, l1_coefficient=l1, reconstruction=reconstruction
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -599,6 +606,7 @@ def pretrain_sae_for_model(
     batch_size: int = 4096,
     lr: float = 1e-3,
     l1_coefficient: float = 1.0,
+    reconstruction: str = "mean",
     shard_tokens: int = 65536,
     max_tokens: int | None = None,
     seed: int = 0,
@@ -615,7 +623,7 @@ def pretrain_sae_for_model(
         sae: the SAE to train (default: a fresh one with the config's architecture, d_sae, k
             and no activation threshold: the threshold applies to the codebook input, not to
             SAE training).
-        steps, batch_size, lr, l1_coefficient, seed: see :func:`train_sae`.
+        steps, batch_size, lr, l1_coefficient, reconstruction, seed: see :func:`train_sae`.
         shard_tokens, max_tokens: see :func:`cache_activations`.
         progress: show progress bars.
     """
@@ -654,6 +662,7 @@ def pretrain_sae_for_model(
             batch_size=batch_size,
             lr=lr,
             l1_coefficient=l1_coefficient,
+            reconstruction=reconstruction,
             seed=seed,
             progress=progress,
         )
