@@ -43,6 +43,7 @@ from .lora import (
     merge_lora,
     save_lora_adapter,
 )
+from .upstream_recipe import one_cycle_cosine_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +282,9 @@ class SegCompassTrainer(AtomicCheckpointMixin, Trainer):
         module_learning_rates: multipliers of ``args.learning_rate`` per module (default
             :meth:`ModuleLearningRates.paper`; use :meth:`ModuleLearningRates.uniform` for one
             rate). Ignored when ``optimizers=`` supplies an optimizer.
+        one_cycle_final_div_factor: None (``args.lr_scheduler_type`` applies) or F: upstream's
+            OneCycle cosine from the peak to peak / F (upstream: 6.7;
+            `upstream_recipe.one_cycle_cosine_scheduler`).
         *args, **kwargs: those of `transformers.Trainer`.
 
     The model's loss is a mean, so the Trainer must divide it by the gradient-accumulation
@@ -291,9 +295,14 @@ class SegCompassTrainer(AtomicCheckpointMixin, Trainer):
     LOSS_PARTS: tuple[str, ...] = ("lm_loss", "seg_loss", "conf_loss", "sae_loss")
 
     def __init__(
-        self, *args: Any, module_learning_rates: ModuleLearningRates | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        module_learning_rates: ModuleLearningRates | None = None,
+        one_cycle_final_div_factor: float | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.one_cycle_final_div_factor = one_cycle_final_div_factor
         # The collator's processor and the model meet here: refuse a tokenizer whose
         # <REF_POS> (or think) ids are not the model's before any step trains on them.
         processor = getattr(self.data_collator, "processor", None)
@@ -316,6 +325,16 @@ class SegCompassTrainer(AtomicCheckpointMixin, Trainer):
         """The Trainer's step, after telling the model how many steps are done (`set_training_step`)."""
         set_training_step(model, self.state.global_step)
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """The Trainer's scheduler, or upstream's OneCycle cosine (`one_cycle_final_div_factor`)."""
+        factor = self.one_cycle_final_div_factor
+        if factor is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = self.optimizer if optimizer is None else optimizer
+        self.lr_scheduler = one_cycle_cosine_scheduler(optimizer, num_training_steps, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer class and kwargs over :func:`build_param_groups`."""

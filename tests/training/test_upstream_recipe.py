@@ -12,18 +12,23 @@ import types
 import pytest
 import torch
 
-from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation, losses
 from modeling_segcompass.answer_format import upstream_format_score
 from modeling_segcompass.training.grpo_trainer import SegCompassGRPOConfig, SegCompassGRPOTrainer
 from modeling_segcompass.training.rewards import upstream_format_reward
-from modeling_segcompass.training.sft import ModuleLearningRates, build_param_groups
+from modeling_segcompass.training.sft import (
+    ModuleLearningRates,
+    SegCompassTrainer,
+    build_param_groups,
+    sft_training_arguments,
+)
 from modeling_segcompass.training.upstream_recipe import (
     UPSTREAM_BASE_LR,
     freeze_like_upstream,
     one_cycle_cosine_factor,
     one_cycle_cosine_scheduler,
 )
-from tests.helpers import build_tiny_config
+from tests.helpers import build_tiny_config, build_tiny_model, make_batch
 from tests.training.test_grpo_trainer import Recorder, grpo_args, world  # noqa: F401 (fixture)
 
 
@@ -91,6 +96,38 @@ def test_freeze_like_upstream_trains_the_layers_after_the_hook_and_the_heads():
     assert summary["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     freeze_like_upstream(model, train_sae=True)
     assert all(p.requires_grad for p in model.sae.parameters())
+
+
+def test_sft_trainer_sets_the_step_for_the_loss_schedule_and_runs_one_cycle(tmp_path, monkeypatch):
+    seen = []
+    weights = losses.segmentation_loss_weights
+
+    def spy(config, step=None):
+        seen.append(step)
+        return weights(config, step)
+
+    monkeypatch.setattr(losses, "segmentation_loss_weights", spy)
+    model = build_tiny_model(loss_schedule_step=2, mask_focal_weight_after=5.0).train()
+    rows = [
+        make_batch(model.config, [3], with_targets=True, num_objects=[1], seed=i) for i in range(3)
+    ]
+    args = sft_training_arguments(
+        str(tmp_path), per_device_train_batch_size=1, max_steps=3, learning_rate=1e-3,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = SegCompassTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=lambda ex: {k: torch.cat([e[k] for e in ex]) for k in ex[0]},
+        module_learning_rates=ModuleLearningRates.uniform(),
+        one_cycle_final_div_factor=6.7,
+    )
+    trainer.train()
+    assert seen == [0, 1, 2]  # the Trainer's global_step before each update
+    assert model.training_step == 2
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-3 * one_cycle_cosine_factor(3, 3))  # the schedule's end
 
 
 # --------------------------------------------------------------------------- GRPO preset
