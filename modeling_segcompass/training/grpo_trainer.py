@@ -51,6 +51,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import GRPOTrainer
 from trl.trainer.utils import pad
 
+from ..answer_format import AnswerTokenIds, parse_answer_ids
 from .checkpointing import AtomicCheckpointMixin
 from .grpo_config import FORMAT_REWARDS, MASK_REWARDS, SegCompassGRPOConfig
 from .grpo_data import SegmentationTargets, build_grpo_dataset, grpo_row, segmentation_targets
@@ -429,10 +430,20 @@ class SegCompassGRPOTrainer(GRPOResumeMixin, AtomicCheckpointMixin, GRPOTrainer)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         masks, confs, valids = self._predict_masks(completion_ids_list)
-        num_slots = self.accelerator.unwrap_model(self.model).config.num_slots
+        config = self.accelerator.unwrap_model(self.model).config
+        num_slots = config.num_slots
+        answer_ids = AnswerTokenIds.from_config(config)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         enriched = []
         for i, example in enumerate(inputs):
             row = dict(example)
+            # the format reward reads answer tokens by id: text that merely spells <REF_POS>
+            # with ordinary tokens (grounded nowhere) must not score as a reference
+            row["answer"] = parse_answer_ids(
+                completion_ids_list[i],
+                answer_ids,
+                lambda run: tokenizer.decode(run, skip_special_tokens=False),
+            )
             row["pred_mask_logits"] = masks[i]
             row["conf_logits"] = confs[i]
             # upstream scores the whole grid, SAM's padding included (`reward_on_full_grid`)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..answer_format import REF_TOKEN, format_score, upstream_format_score
+from ..answer_format import REF_TOKEN, ParsedAnswer, format_score, upstream_format_score
 from ..matching import linear_sum_assignment, pairwise_soft_iou
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class RewardBreakdown:
 
 
 def score_completion(
-    text: str,
+    text: str | ParsedAnswer,
     pred_mask_logits: torch.Tensor | None,
     conf_logits: torch.Tensor | None,
     gt_masks: torch.Tensor,
@@ -253,7 +253,7 @@ def score_completion(
     no-target sample.
 
     Args:
-        text: completion text.
+        text: completion text, or its `ParsedAnswer` (parsed from token ids).
         pred_mask_logits: (K, H, W) (or (H, W) in single-object mode) mask logits, or None.
         conf_logits: (K,) confidence logits (needed in multi-object mode unless the
             prediction is None).
@@ -379,13 +379,18 @@ def _require(name: str, value: Any, func: str) -> None:
         )
 
 
-def format_reward(completions: list[Any], num_ref: Any = None, **kwargs: Any) -> list[float]:
+def format_reward(
+    completions: list[Any], num_ref: Any = None, answer: Any = None, **kwargs: Any
+) -> list[float]:
     """TRL reward function: `format_score` of every completion.
 
     Args:
         completions: strings or conversational message lists.
         num_ref: required `<REF_POS>` count, an int or one int per completion (e.g. a dataset
             column); default 1 as upstream.
+        answer: one `answer_format.ParsedAnswer` per completion, parsed from its token ids
+            (the SegCompass GRPO trainer passes it); it is scored instead of the text, so text
+            that merely spells `<REF_POS>` with ordinary tokens earns nothing.
         **kwargs: other TRL keywords and dataset columns (ignored).
 
     Returns:
@@ -396,7 +401,11 @@ def format_reward(completions: list[Any], num_ref: Any = None, **kwargs: Any) ->
         [1.0, 0.0]
     """
     counts = _per_sample(num_ref, len(completions), "num_ref", 1)
-    return [format_score(completion_text(c), int(n)) for c, n in zip(completions, counts)]
+    parsed = _per_sample(answer, len(completions), "answer", None)
+    return [
+        format_score(a if a is not None else completion_text(c), int(n))
+        for c, n, a in zip(completions, counts, parsed)
+    ]
 
 
 def upstream_format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
@@ -518,6 +527,7 @@ def segcompass_reward(
     num_ref: Any = None,
     conf_threshold: float = 0.5,
     valid_mask: Sequence[Any] | None = None,
+    answer: Any = None,
     **kwargs: Any,
 ) -> list[float | None]:
     """TRL reward function: the paper's `0.3 * format + 0.7 * mask` in one call.
@@ -529,7 +539,7 @@ def segcompass_reward(
     Args:
         completions, pred_mask_logits, conf_logits, gt_masks, num_objects, conf_threshold,
         valid_mask: as in `multi_object_mask_reward`.
-        num_ref: as in `format_reward`.
+        num_ref, answer: as in `format_reward`.
         **kwargs: other TRL keywords and dataset columns (ignored).
 
     Returns:
@@ -544,9 +554,10 @@ def segcompass_reward(
     objects = _per_sample(num_objects, count, "num_objects", None)
     refs = _per_sample(num_ref, count, "num_ref", 1)
     valids = _per_sample(valid_mask, count, "valid_mask", None)
+    parsed = _per_sample(answer, count, "answer", None)
     rewards: list[float | None] = []
-    for completion, pred, conf, gt, n_obj, n_ref, valid in zip(
-        completions, preds, confs, gts, objects, refs, valids
+    for completion, pred, conf, gt, n_obj, n_ref, valid, parsed_answer in zip(
+        completions, preds, confs, gts, objects, refs, valids, parsed
     ):
         if gt is None:
             rewards.append(None)
@@ -556,7 +567,7 @@ def segcompass_reward(
             target = target.unsqueeze(0)  # (1, H, W)
         n_real = target.shape[0] if n_obj is None else int(n_obj)
         breakdown = score_completion(
-            completion_text(completion),
+            parsed_answer if parsed_answer is not None else completion_text(completion),
             pred,
             conf,
             target,

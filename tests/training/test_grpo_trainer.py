@@ -213,6 +213,8 @@ def test_rewards_receive_the_masks_of_the_scored_completions(world, tmp_path):
             call["gt_masks"][i], torch.as_tensor(np.asarray(rows[i]["gt_masks"])).float()
         )
         assert call["valid_mask"][i].shape == (64, 64)
+        # the format reward reads the answer parsed from the ids: <REF_POS> counted by id
+        assert call["answer"][i].num_ref == refs
     assert with_mask >= 1, "no completion had a <REF_POS>; raise REF_BIAS"
     # the batch carries the mask targets of the same rows, in order (before shuffling)
     assert batch["sam_pixel_values"].shape == (4, 3, 64, 64)

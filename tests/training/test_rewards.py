@@ -317,3 +317,33 @@ def test_segcompass_reward_combines_format_and_mask():
     assert values[0] == pytest.approx(1.0, abs=1e-5)
     assert values[1] == pytest.approx(0.3 * 0.9 + 0.7, abs=1e-5)
     assert values[2] == pytest.approx(1.0, abs=1e-5)  # single-object mode, perfect
+
+
+def test_format_rewards_score_the_answer_parsed_from_ids_not_text_that_spells_it():
+    from modeling_segcompass.answer_format import AnswerTokenIds, parse_answer_ids
+
+    ids = AnswerTokenIds(ref=9, think_start=7, think_end=8)
+    spelled = {(60,): "<think>", (61,): " red ", (62,): "</think>", (63,): "<REF_POS>"}
+
+    def decode(run):
+        return "".join(spelled.get((t,), "w") for t in run)
+
+    # <think> red </think> by id, then ordinary tokens that decode to "<REF_POS>"
+    fake = parse_answer_ids([7, 61, 8, 63], ids, decode)
+    real = parse_answer_ids([7, 61, 8, 9], ids, decode)
+    text = "<think> red </think><REF_POS>"
+    assert fake.text == real.text == text
+    assert format_reward([text, text]) == [1.0, 1.0]  # text alone cannot tell them apart
+    assert format_reward([text, text], answer=[fake, real]) == [0.0, 1.0]
+    gt = torch.zeros(1, 4, 4)
+    gt[0, :2] = 1
+    pred = torch.full((1, 4, 4), -20.0)
+    pred[0, :2] = 20.0
+    scores = segcompass_reward(
+        [text, text],
+        pred_mask_logits=[pred, pred],
+        conf_logits=[torch.tensor([5.0]), torch.tensor([5.0])],
+        gt_masks=[gt, gt],
+        answer=[fake, real],
+    )
+    assert scores[1] - scores[0] == pytest.approx(0.3)  # the format part only
