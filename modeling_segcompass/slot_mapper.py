@@ -41,6 +41,41 @@ class SlotMapperOutput:
     queries: torch.Tensor
 
 
+def _check_inputs(
+    owner: str, slots: torch.Tensor, ref_hidden_states: torch.Tensor, image_embeddings: torch.Tensor
+) -> tuple[int, int]:
+    """(B, K) of the slots, after refusing `<REF_POS>` states or image embeddings of
+    another batch / slot count."""
+    batch, num_slots, _ = slots.shape
+    if ref_hidden_states.shape[:2] != (batch, num_slots):
+        raise ValueError(
+            f"{owner}: ref_hidden_states must be (B={batch}, K={num_slots}, d); got "
+            f"{tuple(ref_hidden_states.shape)}."
+        )
+    if image_embeddings.dim() != 4 or image_embeddings.shape[0] != batch:
+        raise ValueError(
+            f"{owner}: image_embeddings must be (B={batch}, C, E, E); got "
+            f"{tuple(image_embeddings.shape)}."
+        )
+    return batch, num_slots
+
+
+def _head_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Per-head scaled dot products of slot queries with every image position.
+
+    Args:
+        queries: (B, K, heads, c), c = C / heads.
+        keys: (B, C, E, E), the projected image embedding (channels grouped by head).
+    Returns:
+        (B*K, heads, E, E) similarity maps.
+    """
+    batch, num_slots, num_heads, head_dim = queries.shape
+    _, _, height, width = keys.shape
+    keys = keys.reshape(batch, num_heads, head_dim, height * width)  # (B, heads, c, E*E)
+    similarity = torch.einsum("bkhc,bhcn->bkhn", queries, keys) * head_dim**-0.5
+    return similarity.reshape(batch * num_slots, num_heads, height, width)
+
+
 class SlotMapper(nn.Module):
     """Ground K slots on the image embedding.
 
@@ -106,26 +141,12 @@ class SlotMapper(nn.Module):
                 where the completion has fewer than K of them).
             image_embeddings: (B, C, E, E).
         """
-        batch, num_slots, _ = slots.shape
-        if ref_hidden_states.shape[:2] != (batch, num_slots):
-            raise ValueError(
-                f"SlotMapper: ref_hidden_states must be (B={batch}, K={num_slots}, d); got "
-                f"{tuple(ref_hidden_states.shape)}."
-            )
-        if image_embeddings.dim() != 4 or image_embeddings.shape[0] != batch:
-            raise ValueError(
-                f"SlotMapper: image_embeddings must be (B={batch}, C, E, E); got "
-                f"{tuple(image_embeddings.shape)}."
-            )
+        batch, num_slots = _check_inputs("SlotMapper", slots, ref_hidden_states, image_embeddings)
         _, channels, height, width = image_embeddings.shape
         fused = torch.cat([self.slot_proj(slots), ref_hidden_states.to(slots.dtype)], dim=-1)
         fused = F.silu(self.fuse_proj(self.fuse_norm(fused)))  # (B, K, C)
         queries = self.query_proj(fused).view(batch, num_slots, self.num_heads, self.head_dim)
-        keys = self.key_proj(image_embeddings).view(
-            batch, self.num_heads, self.head_dim, height * width
-        )  # (B, heads, C/heads, E*E)
-        similarity = torch.einsum("bkhc,bhcn->bkhn", queries, keys) * self.head_dim**-0.5
-        similarity = similarity.reshape(batch * num_slots, self.num_heads, height, width)
+        similarity = _head_similarity(queries, self.key_proj(image_embeddings))
         heatmap = self.fuser(similarity)  # (B*K, 1, E, E)
         where = heatmap.view(batch, num_slots, height * width).softmax(-1)  # (B, K, E*E)
         pooled = torch.einsum(
@@ -235,28 +256,16 @@ class UpstreamSlotMapper(nn.Module):
                 where the completion has fewer than K of them).
             image_embeddings: (B, C, E, E).
         """
-        batch, num_slots, _ = slots.shape
-        if ref_hidden_states.shape[:2] != (batch, num_slots):
-            raise ValueError(
-                f"UpstreamSlotMapper: ref_hidden_states must be (B={batch}, K={num_slots}, d); "
-                f"got {tuple(ref_hidden_states.shape)}."
-            )
-        if image_embeddings.dim() != 4 or image_embeddings.shape[0] != batch:
-            raise ValueError(
-                f"UpstreamSlotMapper: image_embeddings must be (B={batch}, C, E, E); got "
-                f"{tuple(image_embeddings.shape)}."
-            )
+        batch, num_slots = _check_inputs(
+            "UpstreamSlotMapper", slots, ref_hidden_states, image_embeddings
+        )
         _, _, height, width = image_embeddings.shape
         projected = self.querybook_proj(slots)  # (B, K, d)
         fused = self.ref_fuse(
             torch.cat([ref_hidden_states.to(projected.dtype), projected], dim=-1)
         )  # (B, K, d): the <REF_POS> state comes first in the concatenation
         queries = self.q_proj(fused).view(batch, num_slots, self.num_heads, self.head_dim)
-        keys = self.k_proj(image_embeddings).view(
-            batch, self.num_heads, self.head_dim, height * width
-        )  # (B, heads, C/heads, E*E)
-        similarity = torch.einsum("bkhc,bhcn->bkhn", queries, keys) * self.head_dim**-0.5
-        similarity = similarity.reshape(batch * num_slots, self.num_heads, height, width)
+        similarity = _head_similarity(queries, self.k_proj(image_embeddings))
         heatmap = self.fuser(similarity)  # (B*K, 1, E, E)
         heatmap = F.interpolate(
             heatmap,
