@@ -137,3 +137,51 @@ def build_tiny_tokenizer_and_processor(num_slots: int = 3):
 
     tokenizer = build_tiny_tokenizer(TINY_CORPUS, vocab_size=400)
     return tokenizer, SegCompassProcessor.tiny(tokenizer, num_slots=num_slots)
+
+
+def launch_two_cpu_processes(script: str, out_dir, timeout_s: int = 240) -> tuple[list[dict], str]:
+    """Run ``script --worker OUT_DIR`` on 2 CPU processes (gloo) with ``accelerate launch``
+    and return the ``rank{0,1}.json`` reports the workers write, plus the launch's logs.
+
+    `--cpu` alone runs ONE process (accelerate's multi-CPU path needs MPI); `--multi_gpu`
+    selects the torchrun launcher, and the worker's ``PartialState(cpu=True)`` makes it gloo.
+    """
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        ACCELERATE_USE_CPU="true",
+    )
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port),
+        script, "--worker", str(out_dir),
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"accelerate launch did not finish within {timeout_s} s:\n{error.stderr}")
+    logs = f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, logs
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in (0, 1)], logs

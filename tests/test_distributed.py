@@ -12,14 +12,12 @@ import argparse
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import launch_two_cpu_processes
+
 TIMEOUT_S = 240
 
 
@@ -112,42 +110,9 @@ def worker(out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sft_and_grpo_under_accelerate_launch_with_two_cpu_processes(tmp_path):
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        ACCELERATE_USE_CPU="true",
-    )
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        # `--cpu` alone runs ONE process (accelerate's multi-CPU path needs MPI); `--multi_gpu`
-        # selects the torchrun launcher, and the worker's PartialState(cpu=True) makes it gloo.
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        __file__, "--worker", str(tmp_path),
-    ]  # fmt: skip
-    try:
-        result = subprocess.run(
-            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"accelerate launch did not finish within {TIMEOUT_S} s:\n{error.stderr}")
-    logs = f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
-    assert result.returncode == 0, logs
-    reports = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
+    reports, logs = launch_two_cpu_processes(__file__, tmp_path, TIMEOUT_S)
     assert [r["world_size"] for r in reports] == [2, 2]
     assert reports[0]["backend"] == "gloo", reports[0]["backend"]
     for phase in ("initial", "sft", "grpo"):  # replicas identical after every phase
