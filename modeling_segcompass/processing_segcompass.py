@@ -33,7 +33,14 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .answer_format import REF_TOKEN, THINK_END, THINK_START, ParsedAnswer, parse_answer
+from .answer_format import (
+    ANSWER_TOKENS,
+    REF_TOKEN,
+    THINK_END,
+    THINK_START,
+    ParsedAnswer,
+    parse_answer,
+)
 from .loading import load_processor_safely
 from .sam_frame import (
     SAM_PIXEL_MEAN,
@@ -53,9 +60,8 @@ IM_END_TOKEN = "<|im_end|>"
 THINK_START_TOKEN = THINK_START
 THINK_END_TOKEN = THINK_END
 DEFAULT_REF_TOKEN = REF_TOKEN
-#: Control and answer tokens that an instruction may never contain (prompt injection guard);
-#: `SegCompassProcessor.control_tokens` adds every special and added token of the tokenizer.
-RESERVED_TOKENS: tuple[str, ...] = (
+#: Control tokens of the Qwen2.5-VL chat format.
+QWEN_CONTROL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -63,10 +69,10 @@ RESERVED_TOKENS: tuple[str, ...] = (
     "<|vision_end|>",
     "<|image_pad|>",
     "<|video_pad|>",
-    THINK_START_TOKEN,
-    THINK_END_TOKEN,
-    DEFAULT_REF_TOKEN,
 )
+#: Control and answer tokens that an instruction may never contain (prompt injection guard);
+#: `SegCompassProcessor.control_tokens` adds every special and added token of the tokenizer.
+RESERVED_TOKENS: tuple[str, ...] = QWEN_CONTROL_TOKENS + ANSWER_TOKENS
 IGNORE_INDEX = -100
 _DEFAULT = object()  # marks "return_tensors not given"
 

@@ -38,23 +38,15 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import AutoTokenizer, Qwen2TokenizerFast
 
-from ..processing_segcompass import build_prompt
+from ..answer_format import ANSWER_TOKENS
+from ..processing_segcompass import QWEN_CONTROL_TOKENS, build_prompt
 
 logger = logging.getLogger(__name__)
 
 #: Control tokens of the Qwen2.5-VL chat format, flagged special (ids 0..6).
-CONTROL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-#: SegCompass answer tokens, added but not flagged special (ids 7..9).
-ANSWER_TOKENS: tuple[str, ...] = ("<think>", "</think>", "<REF_POS>")
-#: Every added token, in id order: ``SPECIAL_TOKENS[i]`` has id ``i`` in the tiny tokenizer.
+CONTROL_TOKENS: tuple[str, ...] = QWEN_CONTROL_TOKENS
+#: Every added token, in id order: ``SPECIAL_TOKENS[i]`` has id ``i`` in the tiny tokenizer; the
+#: answer tokens (`answer_format.ANSWER_TOKENS`, ids 7..9) are added but not flagged special.
 SPECIAL_TOKENS: tuple[str, ...] = CONTROL_TOKENS + ANSWER_TOKENS
 
 #: Qwen2's pre-tokenisation pattern (contractions, letter runs, single digits, punctuation, spaces).
