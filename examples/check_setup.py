@@ -71,6 +71,7 @@ from modeling_segcompass import (
     SegCompassForReasoningSegmentation,
     SegCompassProcessor,
 )
+from modeling_segcompass.precision import default_dtype
 
 try:  # optional: RSS through psutil where installed, else /proc/self/status
     import psutil
@@ -388,16 +389,6 @@ def sam_config(preset: Preset, sam_layers: int) -> SamConfig:
         prompt_encoder_config=extra.get("prompt_encoder_config"),
         mask_decoder_config=extra.get("mask_decoder_config"),
     )
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def build_checkpoints(args: argparse.Namespace, preset: Preset, root: Path) -> dict[str, Any]:
