@@ -5,8 +5,23 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from .common import CLIError
+
+
+def parse_config_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: value}``; a value is read as JSON, else kept as a string."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--config takes KEY=VALUE (e.g. codebook_dim=64); got {pair!r}.")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -22,10 +37,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         threads=args.threads,
         cot_style=args.cot_style,
+        config_overrides=parse_config_overrides(getattr(args, "config", []) or []),
     )
     text = summary.to_text() if hasattr(summary, "to_text") else json.dumps(summary.to_dict())
     print(text)
     return 0
 
 
-__all__ = ["cmd_demo"]
+__all__ = ["cmd_demo", "parse_config_overrides"]

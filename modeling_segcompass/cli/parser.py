@@ -116,6 +116,11 @@ def _add_demo_parser(subparsers: Any) -> None:
         help="gold chain of thought of the synthetic world: 'scene_first' (the whole scene "
         "described first, then the reasoning) or 'focused' (straight to the relevant shapes)",
     )  # fmt: skip
+    demo.add_argument(
+        "--config", action="append", default=[], metavar="KEY=VALUE",
+        help="override a field of the tiny model's SegCompassConfig (repeatable; VALUE is read "
+        "as JSON, else as a string), e.g. --config codebook_dim=64",
+    )  # fmt: skip
     demo.set_defaults(handler=cmd_demo)
 
 

@@ -60,6 +60,7 @@ class DemoState:
         sae_batches: collated training batches the SAE and the concept labels read.
         labels_path, report_path, export_dir: files the later stages wrote.
         curves: the training curves so far (`curves.collect_curves` keyword arguments).
+        config_overrides: fields of `SegCompassConfig.tiny` the run changes.
     """
 
     out: Path
@@ -84,6 +85,7 @@ class DemoState:
     report_path: Path | None = None
     export_dir: Path | None = None
     curves: dict[str, Any] = field(default_factory=dict)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def budget(self) -> float:
@@ -154,7 +156,11 @@ def _build_model(state: DemoState) -> None:
     from ..modeling_segcompass import SegCompassForReasoningSegmentation
 
     torch.manual_seed(state.seed)
-    config = SegCompassConfig.tiny(vocab_size=len(state.tokenizer), num_slots=state.world.num_slots)
+    config = SegCompassConfig.tiny(
+        vocab_size=len(state.tokenizer),
+        num_slots=state.world.num_slots,
+        **state.config_overrides,
+    )
     state.model = SegCompassForReasoningSegmentation(config)
     state.collator = SegCompassCollator(state.processor)
     state.batch_size = 8 if state.quick else 32
@@ -503,6 +509,26 @@ def _remove_empty_folders(out: Path) -> None:
             folder.rmdir()
 
 
+def _check_config_overrides(overrides: dict[str, Any]) -> None:
+    """Refuse override keys the tiny config does not have (a typo would otherwise be kept as
+    an unused attribute) and the two the demo sets itself."""
+    from ..configuration_segcompass import SegCompassConfig
+
+    known = set(SegCompassConfig.tiny().to_dict())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"run_demo: unknown SegCompassConfig field(s) {unknown}; the fields are listed in "
+            "SegCompassConfig's docstring (e.g. codebook_dim, slot_mapper_heads)."
+        )
+    for key in ("vocab_size", "num_slots"):
+        if key in overrides:
+            raise ValueError(
+                f"run_demo: config_overrides may not set {key!r}: the demo takes it from its "
+                "tokenizer and synthetic world."
+            )
+
+
 def run_demo(
     output_dir: str | Path,
     *,
@@ -511,6 +537,7 @@ def run_demo(
     quick: bool = False,
     threads: int | None = 1,
     cot_style: str = "scene_first",
+    config_overrides: dict[str, Any] | None = None,
 ) -> DemoSummary:
     """Run the embedded default end to end within about `minutes` of wall time.
 
@@ -528,6 +555,8 @@ def run_demo(
             (`SyntheticWorldConfig.cot_style`): "scene_first" (default: the VLM first
             describes the scene, as in its pretraining, then reasons over that text) or
             "focused" (straight to the relevant shapes; docs/results.md compares them).
+        config_overrides: fields of the tiny model's `SegCompassConfig` to change (checked
+            by the config, as any other value), e.g. ``{"codebook_dim": 64}``.
 
     Returns:
         The `DemoSummary`, also written to summary.json and summary.md in `output_dir`.
@@ -536,6 +565,8 @@ def run_demo(
 
     if minutes <= 0:
         raise ValueError(f"run_demo: minutes must be > 0, got {minutes!r}.")
+    overrides = dict(config_overrides or {})
+    _check_config_overrides(overrides)
     start = time.time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -549,8 +580,9 @@ def run_demo(
         quick=quick,
         cot_style=cot_style,
         start=start,
-        summary=DemoSummary(output_dir=str(out), wall_time_s=0.0),
+        summary=DemoSummary(output_dir=str(out), wall_time_s=0.0, config_overrides=overrides),
         stage_start=time.time(),
+        config_overrides=overrides,
     )
     for stage, name in STAGES:
         stage(state)

@@ -30,6 +30,7 @@ class DemoSummary:
     answer_phrase_accuracy: float | None = None
     reload_check: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +54,7 @@ class DemoSummary:
             + ", ".join(f"{k} {v:.0f}" for k, v in self.stage_times_s.items()),
             f"- steps per stage: {steps}",
             f"- data: train {self.num_train} / held-out {self.num_held_out} examples",
+            f"- config overrides: {self.config_overrides or 'none (the tiny default)'}",
             f"- {_dependence_line(self.image_dependence)}",
             f"- SAE: {self.sae}",
             "",

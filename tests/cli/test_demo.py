@@ -203,3 +203,19 @@ def test_training_curves_draw_a_panel_per_stage_from_the_logs(tmp_path):
 
     with Image.open(path) as image:
         assert image.size == (1500, 720)
+
+
+def test_demo_config_overrides_are_parsed_checked_and_reach_the_model():
+    from modeling_segcompass.cli.common import CLIError
+    from modeling_segcompass.cli.demo_command import parse_config_overrides
+    from modeling_segcompass.demo.run import _check_config_overrides
+
+    parsed = parse_config_overrides(["codebook_dim=64", "sae_activation=topk", "x=[1, 2]"])
+    assert parsed == {"codebook_dim": 64, "sae_activation": "topk", "x": [1, 2]}
+    with pytest.raises(CLIError, match="KEY=VALUE"):
+        parse_config_overrides(["codebook_dim"])
+    _check_config_overrides({"codebook_dim": 64})
+    with pytest.raises(ValueError, match="unknown SegCompassConfig field"):
+        _check_config_overrides({"codebok_dim": 64})
+    with pytest.raises(ValueError, match="num_slots"):
+        _check_config_overrides({"num_slots": 3})
