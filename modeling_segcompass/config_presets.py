@@ -233,6 +233,7 @@ def paper_fields(vlm: str, num_slots: int) -> dict[str, Any]:
         "codebook_layers": 2,
         "codebook_heads": 8,
         "codebook_ffn_dim": 2048,
+        "codebook_readout_pairs": None,  # the paper's dense readout
         "num_slots": num_slots,
         "slot_mapper_heads": 8,
         "slot_fuser_channels": 32,
@@ -258,6 +259,7 @@ def upstream_fields(base: str, num_slots: int) -> dict[str, Any]:
         "codebook_heads": 8,
         "codebook_ffn_dim": 2048,
         "codebook_dropout": 0.0,
+        "codebook_readout_pairs": None,  # the slot is the encoder's output
         "num_slots": num_slots,
         # SlotAttnHeatmapHead, get_ref_vec and the -50 fill of VLRefSegCore
         "slot_mapper_type": "upstream",

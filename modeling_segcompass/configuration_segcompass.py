@@ -67,6 +67,11 @@ class SegCompassConfig(PreTrainedConfig):
         codebook_dim (`int`): slot width d_q (512 in the paper).
         codebook_layers (`int`), codebook_heads (`int`), codebook_ffn_dim (`int`), codebook_dropout (`float`):
             The pre-norm transformer encoder in which K slot queries gather concepts.
+        codebook_readout_pairs (`int`, *optional*):
+            None (the paper's readout): a slot is the encoder's output at its query. m >= 1
+            (an interpretability option): each slot reads only its m highest-scoring (token,
+            concept) pairs, its vector built from those pairs' codebook rows alone, so the
+            concepts an explanation names are all the slot read (docs/interpretability.md).
         num_slots (`int`): K, the number of `<REF_POS>` tokens / slots / masks.
         slot_mapper_heads (`int`): heads of the slot-to-image similarity.
         slot_fuser_channels (`int`): width of the conv fuser that turns similarity maps into a heatmap.
@@ -149,6 +154,7 @@ class SegCompassConfig(PreTrainedConfig):
     codebook_ffn_dim: int = 2048
     codebook_dropout: float = 0.0
     sparse_codebook: bool = True
+    codebook_readout_pairs: int | None = None
     # slot mapper
     num_slots: int = 1
     slot_mapper_heads: int = 8
@@ -259,6 +265,15 @@ class SegCompassConfig(PreTrainedConfig):
             not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
         ):
             fail("max_images_per_decoder_call", "a positive integer or None", chunk)
+        pairs = self.codebook_readout_pairs
+        if pairs is not None and (
+            not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1
+        ):
+            fail(
+                "codebook_readout_pairs",
+                "None (the paper's dense readout) or a positive integer (pairs each slot reads)",
+                pairs,
+            )
         for name in ("sae_k", "sae_layer"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -196,6 +196,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             num_heads=config.codebook_heads,
             ffn_dim=config.codebook_ffn_dim,
             dropout=config.codebook_dropout,
+            readout_pairs=config.codebook_readout_pairs,
         )
         mapper_dims = {
             "codebook_dim": config.codebook_dim,

@@ -5,6 +5,10 @@ codebook (d_sae -> d_q). Only the active latents contribute to that product, so 
 projection is an embedding-bag over the active (index, value) pairs: the same numbers
 without the dense matrix (`sparse=False` keeps the dense path for tests and benchmarks).
 
+`readout_pairs=m` (an option, not the paper's) concentrates each slot on m (token, concept)
+pairs: the encoder's slot state only chooses and weighs them, and the slot vector is built
+from the codebook rows of those m pairs alone, so removing them removes what the slot read.
+
 This file travels with saved models (remote code): it imports only torch.
 """
 
@@ -26,7 +30,9 @@ class QueryCodebookOutput:
         slot_token_attention: (B, K, L) attention of each slot over the tokens in the last
             encoder layer, averaged over heads (rows sum to 1 over unpadded tokens).
         slot_concept_weights: (B, K, L, n) how much each (token, active concept) pair fed
-            each slot: attention to the token times the concept's activation on it.
+            each slot: attention to the token times the concept's activation on it. With
+            `readout_pairs` it is exact: the slot is ``out_norm(out_proj(sum w * codebook
+            row))`` over the pairs, and at most `readout_pairs` entries of a slot are non-zero.
         token_embeddings: (B, L, d_q) codebook projection of each token's sparse code.
     """
 
@@ -48,6 +54,9 @@ class QueryCodebook(nn.Module):
         codebook_dim: slot width d_q.
         num_slots: K.
         num_layers, num_heads, ffn_dim, dropout: the transformer encoder.
+        readout_pairs: None (the paper's readout: the slot is the encoder's output) or m >= 1:
+            each slot reads only its m highest-scoring (token, concept) pairs (see the module
+            docstring).
     """
 
     def __init__(
@@ -60,8 +69,19 @@ class QueryCodebook(nn.Module):
         num_heads: int = 8,
         ffn_dim: int = 2048,
         dropout: float = 0.0,
+        readout_pairs: int | None = None,
     ) -> None:
         super().__init__()
+        if readout_pairs is not None and (
+            isinstance(readout_pairs, bool)
+            or not isinstance(readout_pairs, int)
+            or readout_pairs < 1
+        ):
+            raise ValueError(
+                f"QueryCodebook: readout_pairs must be None (dense readout) or an int >= 1, got "
+                f"{readout_pairs!r}."
+            )
+        self.readout_pairs = readout_pairs
         if codebook_dim % num_heads:
             raise ValueError(
                 f"QueryCodebook: codebook_dim ({codebook_dim}) must be divisible by num_heads "
@@ -88,6 +108,12 @@ class QueryCodebook(nn.Module):
             for _ in range(num_layers)
         )
         self.final_norm = nn.LayerNorm(codebook_dim)
+        if readout_pairs is not None:
+            # pair score = <pair_query(slot state), pair_key(activation x codebook row)>
+            self.pair_query = nn.Linear(codebook_dim, codebook_dim)
+            self.pair_key = nn.Linear(codebook_dim, codebook_dim, bias=False)
+            self.pair_out = nn.Linear(codebook_dim, codebook_dim)
+            self.pair_norm = nn.LayerNorm(codebook_dim)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -188,17 +214,68 @@ class QueryCodebook(nn.Module):
             hidden = hidden + layer.dropout1(attn_out)
             hidden = hidden + layer._ff_block(layer.norm2(hidden))
         slots = self.final_norm(hidden[:, : self.num_slots])  # (B, K, d_q)
-        if slot_attention is None:  # zero encoder layers: uniform over real tokens
-            mask = attention_mask.to(tokens.dtype)
-            slot_attention = (mask / mask.sum(-1, keepdim=True).clamp_min(1)).unsqueeze(1)
-            slot_attention = slot_attention.expand(-1, self.num_slots, -1)
-        concept_weights = slot_attention.unsqueeze(-1) * values.unsqueeze(1)  # (B, K, L, n)
+        if self.readout_pairs is not None:
+            slots, concept_weights = self._read_pairs(slots, indices, values, attention_mask)
+            slot_attention = concept_weights.sum(-1)  # (B, K, L)
+            slot_attention = slot_attention / slot_attention.sum(-1, keepdim=True).clamp_min(1e-12)
+        else:
+            if slot_attention is None:  # zero encoder layers: uniform over real tokens
+                mask = attention_mask.to(tokens.dtype)
+                slot_attention = (mask / mask.sum(-1, keepdim=True).clamp_min(1)).unsqueeze(1)
+                slot_attention = slot_attention.expand(-1, self.num_slots, -1)
+            concept_weights = slot_attention.unsqueeze(-1) * values.unsqueeze(1)  # (B, K, L, n)
         return QueryCodebookOutput(
             slots=slots,
             slot_token_attention=slot_attention,
             slot_concept_weights=concept_weights,
             token_embeddings=tokens,
         )
+
+    def _read_pairs(
+        self,
+        state: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slot reads its `readout_pairs` best (token, concept) pairs and nothing else.
+
+        Args:
+            state: (B, K, d_q) the encoder's slot states (they score the pairs).
+            indices, values: (B, L, n) the sparse codes; attention_mask: (B, L).
+
+        Returns:
+            slots (B, K, d_q) = pair_norm(pair_out(sum_p w_p * codebook[i_p])) over the chosen
+            pairs p, and w (B, K, L, n): softmax weight of the pair times its activation, zero
+            outside the chosen pairs.
+        """
+        batch, length, n = indices.shape
+        dtype = state.dtype
+        rows = self.codebook.to(dtype)[indices]  # (B, L, n, d_q)
+        vals = values.to(dtype)
+        active = (vals != 0) & attention_mask.bool().unsqueeze(-1)  # (B, L, n)
+        keys = self.pair_key(rows * vals.unsqueeze(-1)).reshape(batch, length * n, -1)
+        query = self.pair_query(state)  # (B, K, d_q)
+        scores = torch.einsum("bkd,bpd->bkp", query, keys) * self.codebook_dim**-0.5
+        flat_active = active.reshape(batch, 1, length * n)
+        scores = scores.masked_fill(~flat_active, float("-inf"))
+        m = min(self.readout_pairs, length * n)
+        top = scores.topk(m, dim=-1)  # (B, K, m)
+        chosen = torch.isfinite(top.values)
+        attn = torch.where(chosen, top.values, torch.full_like(top.values, -1e4)).softmax(-1)
+        attn = attn * chosen.to(dtype)  # no active pair -> an empty slot
+        coeff = attn * vals.reshape(batch, 1, length * n).expand(-1, self.num_slots, -1).gather(
+            -1, top.indices
+        )  # (B, K, m): weight of codebook row i_p in the slot
+        chosen_rows = rows.reshape(batch, 1, length * n, -1).expand(-1, self.num_slots, -1, -1)
+        chosen_rows = chosen_rows.gather(
+            2, top.indices.unsqueeze(-1).expand(-1, -1, -1, self.codebook_dim)
+        )  # (B, K, m, d_q)
+        read = torch.einsum("bkm,bkmd->bkd", coeff, chosen_rows)
+        slots = self.pair_norm(self.pair_out(read))
+        weights = coeff.new_zeros(batch, self.num_slots, length * n)
+        weights = weights.scatter(-1, top.indices, coeff).reshape(batch, self.num_slots, length, n)
+        return slots, weights
 
 
 __all__ = ["QueryCodebook", "QueryCodebookOutput"]

@@ -82,3 +82,87 @@ def test_bad_shapes_are_refused_with_a_message():
         book(torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 5))
     with pytest.raises(ValueError, match="divisible"):
         build(codebook_dim=10, num_heads=4)
+
+
+@pytest.mark.parametrize("pairs", [1, 3, 8])
+def test_pair_readout_reads_at_most_m_pairs_and_its_weights_rebuild_the_slot(pairs):
+    book = build(readout_pairs=pairs)
+    indices, values = random_codes(batch=2, length=7, n=5)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    out = book(indices, values, mask)
+    read = (out.slot_concept_weights != 0).flatten(2).sum(-1)  # (B, K) pairs each slot read
+    assert read.max() <= pairs
+    assert (read == pairs).all()  # enough active pairs: exactly m are read
+    assert out.slot_concept_weights[1, :, 5:].abs().max() == 0  # padding is never read
+    # exact decomposition: slot = pair_norm(pair_out(sum over pairs of weight x codebook row))
+    rows = book.codebook[indices]  # (B, L, n, d_q)
+    rebuilt = book.pair_norm(
+        book.pair_out(torch.einsum("bkln,blnd->bkd", out.slot_concept_weights, rows))
+    )
+    torch.testing.assert_close(out.slots, rebuilt)
+    torch.testing.assert_close(out.slot_token_attention.sum(-1), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pair_readout_removing_the_read_pairs_changes_the_slot_and_others_barely_do(seed):
+    torch.manual_seed(seed)
+    book = build(readout_pairs=2)
+    indices = torch.arange(40).reshape(1, 8, 5)  # every latent once: removal = one pair
+    values = torch.rand(1, 8, 5) + 0.5
+    out = book(indices, values)
+    read = out.slot_concept_weights[0, 0] != 0  # (L, n)
+    removed = values.clone()
+    removed[0][read] = 0
+    moved_read = (book(indices, removed).slots[0, 0] - out.slots[0, 0]).norm()
+    other = (~read).nonzero()[:2]
+    removed = values.clone()
+    removed[0, other[:, 0], other[:, 1]] = 0
+    after = book(indices, removed)
+    assert torch.equal(after.slot_concept_weights[0, 0] != 0, read)  # the same two pairs read
+    moved_other = (after.slots[0, 0] - out.slots[0, 0]).norm()
+    assert moved_read > 1.0 and moved_other < 0.1 * moved_read
+
+
+def test_pair_readout_trains_and_a_slot_with_no_active_pair_is_empty():
+    book = build(readout_pairs=4).train()
+    indices, values = random_codes()
+    out = book(indices, values)
+    out.slots.square().sum().backward()
+    for name in ("pair_query.weight", "pair_key.weight", "pair_out.weight", "codebook"):
+        grad = dict(book.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    empty = book(indices, torch.zeros_like(values))
+    assert torch.isfinite(empty.slots).all()
+    assert empty.slot_concept_weights.abs().max() == 0
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "8"])
+def test_pair_readout_refuses_bad_counts(bad):
+    with pytest.raises(ValueError, match="readout_pairs"):
+        build(readout_pairs=bad)
+
+
+def test_config_field_builds_the_pair_readout_and_the_paper_presets_keep_it_off(tmp_path):
+    from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+    from tests.helpers import build_tiny_model, make_batch
+
+    assert SegCompassConfig.upstream().codebook_readout_pairs is None
+    assert SegCompassConfig.paper().codebook_readout_pairs is None
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="codebook_readout_pairs"):
+            SegCompassConfig.tiny(codebook_readout_pairs=bad)
+    model = build_tiny_model(codebook_readout_pairs=6)
+    assert model.codebook.readout_pairs == 6
+    batch = make_batch(model.config, [3, 2], with_targets=True)
+    out = model(**batch)
+    assert (out.slot_concept_weights != 0).flatten(2).sum(-1).max() <= 6
+    out.loss.backward()
+    assert model.codebook.pair_out.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    reloaded = SegCompassForReasoningSegmentation.from_pretrained(tmp_path).eval()
+    assert reloaded.config.codebook_readout_pairs == 6
+    with torch.no_grad():
+        again = reloaded(**batch)
+        model.eval()
+        first = model(**batch)
+    torch.testing.assert_close(again.mask_logits, first.mask_logits)
