@@ -9,9 +9,14 @@ reference calls it once per image with that image's K prompts (upstream
 - "sam": the real SAM decoder (C 256, 64 x 64 embedding, 256 x 256 masks, as in ViT-B/L/H).
 
 Forward (no_grad: inference and rollout scoring) and forward + backward (training).
+"batched" is the default, `max_images_per_decoder_call="auto"` (images per decoder call
+picked from the sizes and the device); `--images-per-call` adds fixed splits ("all" = one
+call on B*K prompts). Targets: at the tiny size >= 2x the loop; at SAM's size >= 0.95x the
+loop with peak memory <= 1.5x the loop's. `--profile` prints the per-op profile of both
+paths (forward + backward) at each size.
 
     python benchmarks/bench_mask_decoding.py [--batch 8 --slots 4 --sizes tiny sam]
-        [--images-per-call 1 2 4]   # also time max_images_per_decoder_call = 1, 2, 4
+        [--images-per-call all 1 2 4] [--profile]
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from benchmarks.harness import (  # noqa: E402
 from benchmarks.reference_path import reference_decode_masks  # noqa: E402
 from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation  # noqa: E402
 
-TARGET_SPEEDUP = 2.0
+#: loop / batched speed-up targets per size, and the batched / loop peak memory target
+TARGET_SPEEDUP = {"tiny": 2.0, "sam": 0.95}
+TARGET_MEMORY = {"tiny": None, "sam": 1.5}
 SIZES = ("tiny", "sam")
 
 
@@ -92,8 +99,10 @@ def check_agreement(
     ]
 
 
-def _label(images_per_call: int | None) -> str:
-    return "batched" if images_per_call is None else f"batched_{images_per_call}"
+def _label(images_per_call: int | str | None) -> str:
+    if images_per_call == "auto":
+        return "batched"
+    return "batched_all" if images_per_call is None else f"batched_{images_per_call}"
 
 
 def _variants(
@@ -101,7 +110,7 @@ def _variants(
 ) -> dict[str, Callable[[], object]]:
     """`decode_masks` with each `max_images_per_decoder_call` in `chunks`, and the loop."""
 
-    def batched(images_per_call: int | None):
+    def batched(images_per_call: int | str | None):
         def run():
             model.config.max_images_per_decoder_call = images_per_call
             if not train:
@@ -132,29 +141,33 @@ def run_size(
     num_slots: int,
     device: torch.device,
     repeats: int,
-    chunks: list[int | None] | None = None,
+    chunks: list[int | str | None] | None = None,
+    profile: bool = False,
 ) -> dict[str, float]:
-    """Time `decode_masks` (all images in one call, and each chunk size) against the loop.
+    """Time `decode_masks` ("auto", and each fixed split) against the loop.
 
     Returns ``{"<phase> <variant>": loop / variant, "<phase> <variant> cpu": ...}`` with phase
-    "forward" or "fwd+bwd" and variant "batched" (one call) or "batched_<n>".
+    "forward" or "fwd+bwd" and variant "batched" ("auto"), "batched_all" or "batched_<n>".
     """
     model, heatmaps, embeddings = build(size, batch, num_slots, device)
     cfg = model.config
-    chunks = [None] if chunks is None else chunks
+    chunks = ["auto"] if chunks is None else chunks
     print(
         f"-- size {size}: C {cfg.image_embedding_channels}, E {cfg.image_embedding_size}, "
         f"masks {cfg.mask_size}, B {batch} x K {num_slots}; images per decoder call: "
+        f"auto = {model.images_per_decoder_call(batch, num_slots, device)}, timed: "
         f"{[batch if c is None else c for c in chunks]}"
     )
-    require_agreement(check_agreement(model, heatmaps, embeddings))
     for c in chunks:
-        if c is not None:
-            model.config.max_images_per_decoder_call = c
-            agreements = check_agreement(model, heatmaps, embeddings)
-            for a in agreements:
-                a.name = f"{a.name} ({c} images per call)"
-            require_agreement(agreements)
+        model.config.max_images_per_decoder_call = c
+        agreements = check_agreement(model, heatmaps, embeddings)
+        for a in agreements:
+            a.name = f"{a.name} ({c} images per call)"
+        require_agreement(agreements)
+    if profile:
+        for name, fn in _variants(model, heatmaps, embeddings, True, chunks[:1]).items():
+            print(f"{size} fwd+bwd per-op profile, {name}:")
+            print(op_profile(fn, device))
     results = {}
     for phase, train in (("forward", False), ("fwd+bwd", True)):
         variants = _variants(model, heatmaps, embeddings, train, chunks)
@@ -175,8 +188,24 @@ def run_size(
             results[f"{phase} {name}"] = timings.paired_ratio("per_image_loop", name)
             results[f"{phase} {name} cpu"] = timings.paired_ratio("per_image_loop", name, cpu=True)
             results[f"{phase} {name} memory"] = memory[name] / memory["per_image_loop"]
-    model.config.max_images_per_decoder_call = None
+    model.config.max_images_per_decoder_call = "auto"
     return results
+
+
+def op_profile(fn: Callable[[], object], device: torch.device, rows: int = 12) -> str:
+    """The `rows` operators with the most self time in one call of `fn` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    fn()  # warm
+    with profile(activities=activities, record_shapes=True) as prof:
+        fn()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by=sort, row_limit=rows, max_name_column_width=40, max_shapes_column_width=60
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -190,11 +219,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--images-per-call",
         nargs="+",
-        type=int,
+        type=_images_per_call,
         default=[],
-        help="also time decode_masks with max_images_per_decoder_call = each of these",
+        help="also time decode_masks with max_images_per_decoder_call = each of these "
+        "(a positive integer, or 'all' for one call on all B images)",
     )
+    parser.add_argument("--profile", action="store_true", help="print per-op profiles")
     return parser.parse_args(argv)
+
+
+def _images_per_call(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all'; got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -202,9 +241,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     device = setup(args.threads, args.device)
     print("== benchmark 3: mask decoding, batched over B*K vs per-image loop ==")
     print(machine_summary(device))
-    chunks: list[int | None] = [None, *args.images_per_call]
+    chunks: list[int | str | None] = ["auto", *args.images_per_call]
     results = {
-        size: run_size(size, args.batch, args.slots, device, args.repeats, chunks)
+        size: run_size(size, args.batch, args.slots, device, args.repeats, chunks, args.profile)
         for size in args.sizes
     }
     for size, r in results.items():
@@ -217,10 +256,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                     r[f"{phase} {name} memory"],
                 )
                 per_call = "all" if c is None else c
+                memory_target = TARGET_MEMORY[size]
+                memory_verdict = (
+                    ""
+                    if memory_target is None or c != "auto"
+                    else " " + verdict(mem, memory_target, higher_is_better=False)
+                )
+                speed_verdict = (
+                    verdict(speedup, TARGET_SPEEDUP[size], higher_is_better=True)
+                    if c == "auto"
+                    else "(a fixed split, for comparison)"
+                )
                 print(
                     f"RESULT mask decoding[{size}, {phase}, {per_call} images/call] speedup "
-                    f"loop/batched = {speedup:.2f}x (cpu time {cpu:.2f}x), memory batched/loop "
-                    f"{mem:.2f} {verdict(speedup, TARGET_SPEEDUP, higher_is_better=True)}"
+                    f"loop/batched = {speedup:.2f}x (cpu time {cpu:.2f}x) {speed_verdict}, "
+                    f"memory batched/loop {mem:.2f}{memory_verdict}"
                 )
     return results
 

@@ -7,6 +7,7 @@ Method (docs/performance.md explains it in full):
   median over rounds of the per-round ratio (the two runs of a round are adjacent in time,
   so load from other processes hits both alike). Wall clock and process CPU time are both
   recorded; on a shared machine the CPU time is the steadier measure of the work done.
+- Timing on CUDA: CUDA events around each call (`time_call`), the device synchronised first.
 - Peak memory: on CUDA, `torch.cuda.max_memory_allocated` above the level at the start of
   the call. On CPU there is no allocator peak counter, so the call is run once under
   `torch.profiler.profile(profile_memory=True)` and the allocator events (+bytes on
@@ -136,13 +137,31 @@ def interleaved_timing(
     for r in range(repeats):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            variants[name]()
-            synchronize(device)
-            timings.seconds[name].append(time.perf_counter() - start)
-            timings.cpu_seconds[name].append(time.process_time() - cpu_start)
+            seconds, cpu_seconds = time_call(variants[name], device)
+            timings.seconds[name].append(seconds)
+            timings.cpu_seconds[name].append(cpu_seconds)
     return timings
+
+
+def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(seconds, process CPU seconds) of one call of `fn`.
+
+    On CUDA the seconds are those of CUDA events recorded on the current stream before and
+    after the call (the GPU's time for the queued work, host launch gaps included), after
+    synchronising; on other devices the wall clock (`time.perf_counter`).
+    """
+    synchronize(device)
+    cpu_start = time.process_time()
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3, time.process_time() - cpu_start
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:

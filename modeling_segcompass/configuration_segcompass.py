@@ -112,12 +112,13 @@ class SegCompassConfig(PreTrainedConfig):
         slot_confidence_threshold (`float`):
             A slot holds an object when its confidence *logit* is >= this (the reference's 0.5).
         mask_threshold (`float`): mask logits above this are foreground (0.0, the field convention).
-        max_images_per_decoder_call (`int` or None):
-            `decode_masks` runs SAM's prompt encoder + mask decoder on the K prompts of at most
-            this many images per call (None: all B images in one call). Same numbers either
-            way; it trades per-call overhead (small decoders, GPUs: larger is faster) against
-            the size of the B*K copies of the image embedding (SAM's 256 x 64 x 64 on a CPU:
-            small is faster and bounds memory). See docs/performance.md, benchmark 3.
+        max_images_per_decoder_call (`"auto"`, `int` or None):
+            `decode_masks` runs SAM's mask decoder on the K prompts of at most this many images
+            per call (None: all B images in one call). Same numbers either way; it trades
+            per-call overhead (small decoders, GPUs: larger is faster) against the size of the
+            per-prompt (b*K, C, E, E) tensors of one call (SAM's 256 x 64 x 64 on a CPU: small
+            is faster and bounds memory). "auto" (default) picks it from these sizes and the
+            device (`DECODER_CALL_BYTES`); see docs/performance.md, benchmark 3.
         check_input_values (`bool`):
             Also read input values in `forward` on an accelerator (token ids in the vocabulary,
             finite pixels, binary masks, object counts): each check waits for the device, so
@@ -190,7 +191,7 @@ class SegCompassConfig(PreTrainedConfig):
     # inference
     slot_confidence_threshold: float = 0.5
     mask_threshold: float = 0.0
-    max_images_per_decoder_call: int | None = None
+    max_images_per_decoder_call: int | str | None = "auto"
     check_input_values: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -261,10 +262,16 @@ class SegCompassConfig(PreTrainedConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "a positive integer", value)
         chunk = self.max_images_per_decoder_call
-        if chunk is not None and (
-            not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
+        if (
+            chunk is not None
+            and chunk != "auto"
+            and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1)
         ):
-            fail("max_images_per_decoder_call", "a positive integer or None", chunk)
+            fail(
+                "max_images_per_decoder_call",
+                '"auto" (images per call from the sizes), a positive integer or None (all)',
+                chunk,
+            )
         pairs = self.codebook_readout_pairs
         if pairs is not None and (
             not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1

@@ -51,6 +51,11 @@ from .slot_mapper import SlotMapper, UpstreamSlotMapper
 from .sparse_autoencoder import SparseAutoencoder
 from .vlm_states import _decoder_layers, fill_outside_image, gather_ref_hidden_states
 
+#: "auto" images per decoder call: bytes of the (b*K, C, E, E) prompt + image sum one call
+#: builds, per device type: a CPU's cache-sized 16 MiB (SAM's C 256, E 64: one image's 4
+#: prompts; the tiny default: its whole batch), a GPU's 256 MiB (docs/performance.md).
+DECODER_CALL_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
+
 
 @dataclass
 class SegCompassOutput(ModelOutput):
@@ -286,14 +291,27 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
     def _capture_hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         self._sae_capture["hidden"] = output[0] if isinstance(output, tuple) else output
 
+    def images_per_decoder_call(self, batch: int, num_slots: int, device: torch.device) -> int:
+        """Images whose K prompts one mask-decoder call takes (`max_images_per_decoder_call`:
+        an int as is, None all `batch`, "auto" as many as keep the call's (b*K, C, E, E)
+        prompt + image sum within `DECODER_CALL_BYTES` of the device type)."""
+        chunk = self.config.max_images_per_decoder_call
+        if chunk != "auto":
+            return max(batch, 1) if chunk is None else chunk
+        cfg = self.config
+        dtype = floating_dtype(self.mask_decoder) or torch.float32
+        per_image = num_slots * cfg.image_embedding_channels * cfg.image_embedding_size**2
+        per_image *= torch.finfo(dtype).bits // 8
+        budget = DECODER_CALL_BYTES.get(device.type, DECODER_CALL_BYTES["cpu"])
+        return max(1, min(batch, budget // max(per_image, 1)))
+
     def decode_masks(
         self, heatmap_logits: torch.Tensor, image_embeddings: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Heatmaps as dense prompts through SAM's prompt encoder + mask decoder, batched.
 
-        Each call of the prompt encoder + mask decoder takes the K prompts of at most
-        `config.max_images_per_decoder_call` images (all B when None), so B*K prompts run in
-        ceil(B / that) calls; the numbers do not depend on it (up to float32 summation order).
+        The prompt encoder takes all B*K heatmaps, the mask decoder the K prompts of
+        `images_per_decoder_call` images per call; the split does not change the numbers.
 
         Args:
             heatmap_logits: (B, K, M, M).
@@ -301,46 +319,68 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         Returns:
             mask logits (B, K, M, M) and predicted IoU (B, K).
         """
-        batch = heatmap_logits.shape[0]
-        step = self.config.max_images_per_decoder_call or batch
-        if step >= batch:
-            return self._decode_mask_group(heatmap_logits, image_embeddings)
-        parts = [
-            self._decode_mask_group(heatmap_logits[i : i + step], image_embeddings[i : i + step])
-            for i in range(0, batch, step)
-        ]
-        return torch.cat([m for m, _ in parts]), torch.cat([u for _, u in parts])
-
-    def _decode_mask_group(
-        self, heatmap_logits: torch.Tensor, image_embeddings: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One prompt-encoder + mask-decoder call on the b*K prompts of b images.
-
-        Args:
-            heatmap_logits: (b, K, M, M).
-            image_embeddings: (b, C, E, E).
-        Returns:
-            mask logits (b, K, M, M) and predicted IoU (b, K).
-        """
         batch, num_slots, size, _ = heatmap_logits.shape
         _, dense = self.prompt_encoder(
             input_points=None,
             input_labels=None,
             input_boxes=None,
             input_masks=heatmap_logits.reshape(batch * num_slots, 1, size, size),
-        )  # dense: (b*K, C, E, E)
-        per_slot_images = image_embeddings.repeat_interleave(num_slots, dim=0)  # (b*K, C, E, E)
-        positional = self.image_positional_embeddings().to(per_slot_images.dtype)
-        positional = positional.expand(batch * num_slots, -1, -1, -1)
-        masks, iou = self.mask_decoder(
-            image_embeddings=per_slot_images,
+        )  # dense: (B*K, C, E, E)
+        dense = dense.unflatten(0, (batch, num_slots))  # (B, K, C, E, E)
+        step = self.images_per_decoder_call(batch, num_slots, heatmap_logits.device)
+        if step >= batch:
+            return self._decode_mask_group(dense, image_embeddings)
+        parts = [
+            self._decode_mask_group(dense[i : i + step], image_embeddings[i : i + step])
+            for i in range(0, batch, step)
+        ]
+        return torch.cat([m for m, _ in parts]), torch.cat([u for _, u in parts])
+
+    def _decode_mask_group(
+        self, dense: torch.Tensor, image_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's mask decoder on the b*K prompts of b images, single-mask output.
+
+        transformers' `SamMaskDecoder.forward(multimask_output=False)` with its sub-modules,
+        less its copies and dropped outputs: the image is broadcast into the per-prompt sum
+        (not repeated K times first), the positional encoding is a view (not b*K copies), and
+        only the first mask's hypernetwork and product run (it computes four, keeps one).
+
+        Args:
+            dense: (b, K, C, E, E) dense prompt embeddings (the prompt encoder's output).
+            image_embeddings: (b, C, E, E).
+        Returns:
+            mask logits (b, K, M, M) and predicted IoU (b, K).
+        """
+        decoder = self.mask_decoder
+        batch, num_slots, channels, height, width = dense.shape
+        prompts = batch * num_slots
+        # each prompt's dense embedding + its image's embedding (SAM adds them before the
+        # two-way transformer): the one (b*K, C, E, E) tensor a call must build
+        keys = (image_embeddings.unsqueeze(1) + dense).reshape(prompts, channels, height, width)
+        positional = self.image_positional_embeddings().to(keys.dtype)
+        positional = positional.expand(prompts, -1, -1, -1)
+        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = tokens.repeat(prompts, 1, 1, 1)  # (b*K, 1, T, C), as SamMaskDecoder builds them
+        queries, keys = decoder.transformer(
+            point_embeddings=tokens,
+            image_embeddings=keys,
             image_positional_embeddings=positional,
-            sparse_prompt_embeddings=None,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )  # masks: (b*K, 1, 1, M, M), iou: (b*K, 1, 1)
+            attention_similarity=None,
+            target_embedding=None,
+        )  # queries: (b*K, 1, T, C); keys: (b*K, 1, E*E, C)
+        keys = keys.transpose(2, 3).reshape(prompts, channels, height, width)
+        upscaled = decoder.upscale_conv1(keys)
+        # contiguous before the elementwise activations: the channels-first LayerNorm and the
+        # transposed convolution return permuted layouts, on which GELU is several times slower
+        upscaled = decoder.activation(decoder.upscale_layer_norm(upscaled).contiguous())
+        upscaled = decoder.activation(decoder.upscale_conv2(upscaled).contiguous())
+        hyper = decoder.output_hypernetworks_mlps[0](queries[:, :, 1, :])  # (b*K, 1, C/8)
+        up_channels, mask_height, mask_width = upscaled.shape[1:]
+        masks = hyper.unsqueeze(2) @ upscaled.reshape(prompts, 1, up_channels, -1)
+        iou = decoder.iou_prediction_head(queries[:, :, 0, :])[..., 0]  # (b*K, 1)
         return (
-            masks.reshape(batch, num_slots, masks.shape[-2], masks.shape[-1]),
+            masks.reshape(batch, num_slots, mask_height, mask_width),
             iou.reshape(batch, num_slots),
         )
 

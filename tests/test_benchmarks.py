@@ -7,6 +7,9 @@ a path that computes something else, and that the measuring tools measure what t
 
 from __future__ import annotations
 
+from functools import partial
+
+import pytest
 import torch
 
 from benchmarks import (
@@ -25,6 +28,7 @@ from benchmarks.harness import (
     require_agreement,
     verdict,
 )
+from modeling_segcompass import SegCompassConfig
 
 CPU = torch.device("cpu")
 
@@ -230,7 +234,7 @@ def test_decode_masks_in_chunks_of_images_gives_the_same_masks():
     for size, batch, slots in (("tiny", 5, 3), ("sam", 3, 2)):
         model, heatmaps, embeddings = bench_mask_decoding.build(size, batch, slots, CPU)
         calls = []
-        handle = model.mask_decoder.register_forward_hook(
+        handle = model.mask_decoder.transformer.register_forward_hook(
             lambda m, args, kwargs, out, calls=calls: calls.append(
                 kwargs["image_embeddings"].shape[0]
             ),
@@ -249,6 +253,47 @@ def test_decode_masks_in_chunks_of_images_gives_the_same_masks():
         for a, b in zip(chunked, whole, strict=True):
             assert a.shape == b.shape
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_images_per_decoder_call_follows_the_sizes_and_the_device():
+    """ "auto" keeps one call's (b*K, C, E, E) sum within the device's budget: at SAM's size
+    (C 256, E 64) on a CPU one image's 4 prompts (16 MiB) per call, the tiny default's whole
+    batch; on a GPU 16 SAM images per call; ints and None are used as given."""
+    sam, heatmaps, embeddings = bench_mask_decoding.build("sam", 3, 4, CPU)
+    tiny, _, _ = bench_mask_decoding.build("tiny", 3, 4, CPU)
+    assert sam.config.max_images_per_decoder_call == "auto"  # the default
+    assert sam.images_per_decoder_call(8, 4, CPU) == 1
+    assert sam.images_per_decoder_call(8, 2, CPU) == 2
+    assert sam.images_per_decoder_call(64, 4, torch.device("cuda")) == 16
+    assert tiny.images_per_decoder_call(64, 4, CPU) == 64
+    sam.config.max_images_per_decoder_call = 2
+    assert sam.images_per_decoder_call(8, 4, CPU) == 2
+    sam.config.max_images_per_decoder_call = None
+    assert sam.images_per_decoder_call(8, 4, CPU) == 8
+    for bad in ("Auto", 0, 1.5, True):
+        with pytest.raises(ValueError, match="max_images_per_decoder_call"):
+            SegCompassConfig.tiny(max_images_per_decoder_call=bad)
+
+
+def test_decode_masks_gradients_match_transformers_mask_decoder_per_image():
+    """`decode_masks` runs SamMaskDecoder's sub-modules itself (broadcast image, first mask
+    only, in "auto" chunks); its masks, IoU and every gradient match transformers' own forward
+    called per image (the reference loop) up to float32 summation order."""
+    model, heatmaps, embeddings = bench_mask_decoding.build("tiny", 4, 3, CPU)
+    model.train()
+    results = []
+    for decode in (model.decode_masks, partial(reference_path.reference_decode_masks, model)):
+        model.zero_grad(set_to_none=True)
+        h = heatmaps.clone().requires_grad_(True)
+        e = embeddings.clone().requires_grad_(True)
+        masks, iou = decode(h, e)
+        (masks.square().mean() + masks.mean() + iou.square().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((masks.detach(), iou.detach(), h.grad, e.grad, grads))
+    (m1, u1, h1, e1, g1), (m2, u2, h2, e2, g2) = results
+    assert sorted(g1) == sorted(g2) and any(n.startswith("mask_decoder.") for n in g1)
+    for a, b in [(m1, m2), (u1, u2), (h1, h2), (e1, e2)] + [(g1[n], g2[n]) for n in g2]:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_mask_decoding_check_catches_a_loop_that_pairs_prompts_with_other_images(monkeypatch):
