@@ -38,6 +38,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         threads=args.threads,
         cot_style=args.cot_style,
         config_overrides=parse_config_overrides(getattr(args, "config", []) or []),
+        processes=getattr(args, "processes", None),
     )
     text = summary.to_text() if hasattr(summary, "to_text") else json.dumps(summary.to_dict())
     print(text)

@@ -112,6 +112,12 @@ def _add_demo_parser(subparsers: Any) -> None:
         "and a thread waiting for a core that another process holds slows every step)",
     )  # fmt: skip
     demo.add_argument(
+        "--processes", type=int, default=None,
+        help="data-parallel CPU processes of the training stages (torch.distributed, gloo, 1 "
+        "thread each; same global batch and budget); default: 2 when 2 or more cores are "
+        "available, else 1",
+    )  # fmt: skip
+    demo.add_argument(
         "--cot-style", default="scene_first", choices=COT_STYLES,
         help="gold chain of thought of the synthetic world: 'scene_first' (the whole scene "
         "described first, then the reasoning) or 'focused' (straight to the relevant shapes)",

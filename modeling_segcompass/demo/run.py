@@ -11,6 +11,12 @@ run's settings, clock, data, model and `DemoSummary`). The wall-clock budget (`m
 split between the stages (fractions of the budget at which each training stage must end:
 `STAGE_ENDS`); the learning-rate schedules run on wall time, so they end when a stage's share
 does whatever the machine's speed.
+
+With 2 or more cores the demo runs on 2 processes (`processes.default_processes`): every rank
+runs the stages, the training stages data-parallel over the ranks (torch.distributed with
+gloo, one thread each, through accelerate: the engine a GPU user scales out with), with the
+same global batch sizes and wall budget; rank 0 alone evaluates, writes the report and
+exports the one model.
 """
 
 from __future__ import annotations
@@ -23,12 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..evaluation.rows import answer_phrase_accuracy, evaluate_rows
 from .curves import collect_curves, plot_training_curves
-from .reload import reload_in_fresh_process, save_overlay
+from .outputs import export_and_reload, interpretability_report
+from .processes import (
+    barrier,
+    default_processes,
+    launch,
+    peak_memory_mb,
+    replicas_identical,
+)
 from .schedule import time_limit_callback, time_progress_callback, time_schedule_callback
 from .summary import DemoSummary, write_summary
 
@@ -61,6 +73,8 @@ class DemoState:
         labels_path, report_path, export_dir: files the later stages wrote.
         curves: the training curves so far (`curves.collect_curves` keyword arguments).
         config_overrides: fields of `SegCompassConfig.tiny` the run changes.
+        rank, world_size: this process's rank and the number of processes (1: no
+            torch.distributed); the training stages split each batch over the ranks.
     """
 
     out: Path
@@ -86,6 +100,18 @@ class DemoState:
     export_dir: Path | None = None
     curves: dict[str, Any] = field(default_factory=dict)
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0, the process that evaluates and writes the outputs."""
+        return self.rank == 0
+
+    @property
+    def rank_batch_size(self) -> int:
+        """Each rank's share of the training batch: the global batch stays `batch_size`."""
+        return max(1, self.batch_size // self.world_size)
 
     @property
     def budget(self) -> float:
@@ -100,7 +126,7 @@ class DemoState:
         """A progress bar over the ``total`` parts of a stage that is not a training loop."""
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=description, unit="step")
+        return tqdm(total=total, desc=description, unit="step", disable=not self.main)
 
     def stage_done(self, name: str) -> None:
         """Record the time since the previous stage ended as stage ``name``'s."""
@@ -134,11 +160,18 @@ def _prepare_data(state: DemoState) -> None:
     )
     bar.update()
     state.summary.num_train, state.summary.num_held_out = len(state.train), len(state.held_out)
-    state.tokenizer = tokenizer = build_tiny_tokenizer(
-        list(iter_texts(world, min(num_train, 3000), descriptions=True)),
-        vocab_size=1024,
-        save_dir=state.out / "tokenizer",
-    )
+    if state.main:
+        state.tokenizer = build_tiny_tokenizer(
+            list(iter_texts(world, min(num_train, 3000), descriptions=True)),
+            vocab_size=1024,
+            save_dir=state.out / "tokenizer",
+        )
+    barrier()  # the other ranks load rank 0's tokenizer: one vocabulary for every replica
+    if not state.main:
+        from transformers import AutoTokenizer
+
+        state.tokenizer = AutoTokenizer.from_pretrained(state.out / "tokenizer")
+    tokenizer = state.tokenizer
     state.processor = SegCompassProcessor.tiny(tokenizer, num_slots=world.num_slots)
     bar.update()
     bar.close()
@@ -181,10 +214,14 @@ def _pretrain_vlm(state: DemoState) -> None:
         deadline=None if quick else state.deadline("vlm_pretraining"),
         learning_rate=3e-3,
         warmup_steps=1 if quick else 100,
-        batch_size=state.batch_size,
+        batch_size=state.rank_batch_size,
         seed=state.seed,
+        progress=state.main,
     )
     state.summary.vlm_pretraining = report.to_dict()
+    state.summary.steps_per_s["vlm_pretraining"] = round(
+        report.steps / max(report.seconds, 1e-9), 3
+    )
     state.curves["vlm_losses"] = report.losses
 
 
@@ -197,14 +234,26 @@ def _pretrain_sae(state: DemoState) -> None:
         state.collator(train[i : i + 32])
         for i in range(0, min(len(train), 32 * (2 if state.quick else 20)), 32)
     ]
+    # Every rank trains the same SAE (same activations, same seed: about 6 s, too short to
+    # gain from splitting); rank 0's is saved, and the trainers broadcast rank 0's
+    # parameters when they wrap the model for data parallelism.
+    seconds = time.time()
     result = pretrain_sae_for_model(
         state.model,
         state.sae_batches,
-        state.out / "sae",
+        state.out / "sae" if state.main else state.out / f".sae_rank{state.rank}",
         steps=20 if state.quick else 300,
         batch_size=1024,
         lr=1e-3,
         seed=state.seed,
+        progress=state.main,
+    )
+    if not state.main:
+        import shutil
+
+        shutil.rmtree(state.out / f".sae_rank{state.rank}", ignore_errors=True)
+    state.summary.steps_per_s["sae_pretraining"] = round(
+        len(result.report.losses) / max(time.time() - seconds, 1e-9), 3
     )
     report = result.report
     state.curves["sae_losses"] = report.losses
@@ -226,7 +275,7 @@ def _supervised_warmup(state: DemoState) -> None:
     args = sft_training_arguments(
         str(state.out / "sft"),
         max_steps=3 if quick else 1_000_000,  # the deadline stops it; the schedule runs on time
-        per_device_train_batch_size=state.batch_size,
+        per_device_train_batch_size=state.rank_batch_size,
         learning_rate=3e-3,
         weight_decay=0.01,
         lr_scheduler_type="constant",
@@ -246,12 +295,16 @@ def _supervised_warmup(state: DemoState) -> None:
         callbacks=[
             time_schedule_callback(deadline, warmup_steps=1 if quick else 100),
             time_limit_callback(deadline),
-            time_progress_callback(deadline, "supervised warm-up", total=3 if quick else None),
+            time_progress_callback(
+                deadline, "supervised warm-up", total=3 if quick else None, disable=not state.main
+            ),
         ],
     )
     state.summary.sft_steps = int(sft.trainer.state.global_step)
+    state.summary.steps_per_s["supervised_warmup"] = _steps_per_s(sft.train_output)
     state.curves["sft_log"] = sft.trainer.state.log_history
-    (state.out / "sft_log.json").write_text(json.dumps(sft.trainer.state.log_history, indent=1))
+    if state.main:
+        (state.out / "sft_log.json").write_text(json.dumps(sft.trainer.state.log_history, indent=1))
 
 
 def _held_out_scores(
@@ -278,6 +331,9 @@ def _evaluate_warmup(state: DemoState) -> None:
     """The warm-up checkpoint: image dependence, oracle-CoT and end-to-end scores."""
     from ..training.vlm_pretraining import image_dependence
 
+    if not state.main:  # rank 0 evaluates; the others wait for GRPO
+        barrier()
+        return
     state.model.eval()
     summary = state.summary
     summary.image_dependence = image_dependence(
@@ -285,6 +341,7 @@ def _evaluate_warmup(state: DemoState) -> None:
     ).to_dict()
     summary.oracle_cot_warmup, _ = _held_out_scores(state, teacher_forced=True)
     summary.end_to_end_warmup, _ = _held_out_scores(state, teacher_forced=False)
+    barrier()
 
 
 def _train_grpo(state: DemoState) -> None:
@@ -300,7 +357,8 @@ def _train_grpo(state: DemoState) -> None:
     args = SegCompassGRPOConfig(
         output_dir=str(state.out / "grpo"),
         max_steps=1 if quick else 10_000,
-        per_device_train_batch_size=8 if quick else 32,
+        # the global batch (completions per step) is 8 / 32 whatever the number of ranks
+        per_device_train_batch_size=(8 if quick else 32) // state.world_size,
         num_generations=4 if quick else 8,
         max_completion_length=state.max_new_tokens,
         learning_rate=1e-4,
@@ -339,14 +397,40 @@ def _train_grpo(state: DemoState) -> None:
         processing_class=state.processor,
         callbacks=[
             time_limit_callback(state.deadline("grpo")),
-            time_progress_callback(state.deadline("grpo"), "GRPO", total=1 if quick else None),
+            time_progress_callback(
+                state.deadline("grpo"), "GRPO", total=1 if quick else None, disable=not state.main
+            ),
         ],
     )
-    grpo.train()
-    state.summary.grpo_steps = int(grpo.state.global_step)
-    (state.out / "grpo_log.json").write_text(json.dumps(grpo.state.log_history, indent=1))
+    output = grpo.train()
+    summary = state.summary
+    summary.grpo_steps = int(grpo.state.global_step)
+    summary.steps_per_s["grpo"] = _steps_per_s(output)
+    # Data parallelism's invariant, and each rank's memory (collectives: every rank).
+    summary.replicas_identical = replicas_identical(state.model)
+    summary.peak_memory_mb = _gather_peak_memory(state.world_size)
     state.curves["grpo_log"] = grpo.state.log_history
-    plot_training_curves(collect_curves(**state.curves), state.out / "training_curves.png")
+    if state.main:
+        (state.out / "grpo_log.json").write_text(json.dumps(grpo.state.log_history, indent=1))
+        plot_training_curves(collect_curves(**state.curves), state.out / "training_curves.png")
+
+
+def _steps_per_s(train_output: Any) -> float:
+    """Optimiser steps per second of a trainer's run (its ``TrainOutput``)."""
+    runtime = float(train_output.metrics.get("train_runtime", 0.0))
+    return round(train_output.global_step / runtime, 3) if runtime > 0 else 0.0
+
+
+def _gather_peak_memory(world_size: int) -> dict[str, float]:
+    """Every rank's peak resident memory in MiB (a collective under torch.distributed)."""
+    mine = peak_memory_mb()
+    if world_size == 1:
+        return {"rank0": mine}
+    import torch.distributed as dist
+
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world_size)]
+    dist.all_gather(gathered, torch.tensor([mine], dtype=torch.float64))
+    return {f"rank{r}": round(float(t.item()), 1) for r, t in enumerate(gathered)}
 
 
 def _evaluate_final(state: DemoState) -> None:
@@ -371,119 +455,6 @@ def _evaluate_final(state: DemoState) -> None:
     )
 
 
-def _interpretability_report(state: DemoState) -> None:
-    """Concept labels and the interpretability report on a few held-out examples."""
-    from ..interpret.explain import build_explanation_inputs, explain
-    from ..interpret.labels import build_concept_labels, save_concept_labels
-    from ..interpret.render import write_report
-
-    model, processor, tokenizer = state.model, state.processor, state.tokenizer
-    bar = state.steps_bar("interpretability report", 4)
-    labels = build_concept_labels(model, state.sae_batches[:4], tokenizer, top_k=5)
-    state.labels_path = save_concept_labels(labels, state.out)
-    bar.update()
-    shown = state.held_out[:: max(1, len(state.held_out) // 6)][:6]
-    images = [ex["image"] for ex in shown]
-    instructions = [ex["instruction"] for ex in shown]
-    results = model.segment(images, instructions, processor, max_new_tokens=state.max_new_tokens)
-    bar.update()
-    inputs = build_explanation_inputs(processor, images, instructions, [r.text for r in results])
-    explanations = explain(model, inputs, tokenizer=tokenizer, concept_labels=labels)
-    bar.update()
-    state.report_path = write_report(
-        explanations, images, state.out / "interpretability", instructions=instructions
-    )
-    bar.update()
-    bar.close()
-
-
-def _pick_example(state: DemoState, candidates: int = 32) -> tuple[dict[str, Any], float]:
-    """The card's and the Space's example: the first of the first ``candidates`` held-out
-    samples with an object that the model segments with IoU >= 0.5 (else the best of them),
-    and its IoU."""
-    from ..data.synthetic import as_mask_array
-
-    rows = [ex for ex in state.held_out[:candidates] if len(ex["masks"])] or state.held_out[:1]
-    results = state.model.segment(
-        [ex["image"] for ex in rows], [ex["instruction"] for ex in rows], state.processor,
-        max_new_tokens=state.max_new_tokens,
-    )  # fmt: skip
-    scored = []
-    for ex, result in zip(rows, results):
-        gt = as_mask_array(ex["masks"], ex["image"].size[1]).astype(bool).any(0)
-        pred = result.masks.numpy().astype(bool).any(0) if len(result.masks) else np.zeros_like(gt)
-        union = np.logical_or(pred, gt).sum()
-        scored.append((float(np.logical_and(pred, gt).sum() / union) if union else 1.0, ex))
-        if scored[-1][0] >= 0.5:
-            return ex, scored[-1][0]
-    iou, ex = max(scored, key=lambda pair: pair[0])
-    return ex, iou
-
-
-def _export_and_reload(state: DemoState) -> None:
-    """The final SAE in SAELens format, the Hub-ready folder, then reload it through remote
-    code in a fresh process and segment a held-out image; the IoU with its gold mask and the
-    overlay are recorded."""
-    from ..data.synthetic import as_mask_array
-    from ..serving.hub import export
-    from ..training.sae_export import export_model_sae
-
-    out, summary = state.out, state.summary
-    bar = state.steps_bar("export and reload", 3)
-    # The SAE as fine-tuning left it (SFT and GRPO move it on from its pretraining), in
-    # SAELens format; it replaces the pretrained one written by the SAE stage.
-    export_model_sae(state.model, out / "sae")
-    bar.update()
-    state.export_dir = out / "hub_model"
-    example, example_iou = _pick_example(state)
-    export(
-        state.model,
-        state.processor,
-        state.export_dir,  # no repo id: the card and app.py load this folder
-        example=(example["image"], example["instruction"]),
-        example_note=(
-            "The example is a held-out sample of the synthetic world; the exported model "
-            f"segments it with IoU {example_iou:.2f}."
-        ),
-        max_new_tokens=state.max_new_tokens,
-        overwrite=True,
-        extra_files=[state.labels_path],
-        datasets=[],
-        evaluation=summary.end_to_end,  # every metric (T-acc too), overall and per family
-        eval_dataset_name="synthetic reasoning-segmentation world (held-out)",
-        training={
-            "SFT steps": summary.sft_steps,
-            "GRPO steps": summary.grpo_steps,
-            "minutes": state.minutes,
-        },
-        toy=True,
-    )
-    bar.update()
-    example["image"].save(out / "reload_example.png")
-    try:
-        summary.reload_check = reload_in_fresh_process(
-            state.export_dir, out / "reload_example.png", example["instruction"],
-            state.max_new_tokens,
-        )  # fmt: skip
-    except (RuntimeError, OSError, ValueError) as error:
-        # Keep what the run measured: the summary records the failure, then the demo fails.
-        summary.reload_check = {"ok": False, "error": str(error)}
-        summary.wall_time_s = round(time.time() - state.start, 1)
-        write_summary(summary, out)
-        raise
-    finally:
-        bar.update()
-        bar.close()
-    summary.reload_check["ok"] = True
-    gt = as_mask_array(example["masks"], example["image"].size[1]).astype(bool).any(0)
-    pred = np.asarray(summary.reload_check.pop("mask"), dtype=bool)
-    union = np.logical_or(pred, gt).sum()
-    summary.reload_check["iou"] = (
-        round(float(np.logical_and(pred, gt).sum() / union), 3) if union else 1.0
-    )
-    save_overlay(example["image"], pred, out / "reloaded_prediction.png")
-
-
 #: The stages in order, each with the name its time is recorded under (None: its time counts
 #: towards the next named stage).
 STAGES: tuple[tuple[Callable[[DemoState], None], str | None], ...] = (
@@ -495,9 +466,12 @@ STAGES: tuple[tuple[Callable[[DemoState], None], str | None], ...] = (
     (_evaluate_warmup, "eval_warmup"),
     (_train_grpo, "grpo"),
     (_evaluate_final, "evaluation"),
-    (_interpretability_report, "interpretability"),
-    (_export_and_reload, "export_and_reload"),
+    (interpretability_report, "interpretability"),
+    (export_and_reload, "export_and_reload"),
 )
+
+#: The stages only rank 0 runs (the others end after GRPO).
+MAIN_ONLY = frozenset({"evaluation", "interpretability", "export_and_reload"})
 
 
 def _remove_empty_folders(out: Path) -> None:
@@ -538,6 +512,7 @@ def run_demo(
     threads: int | None = 1,
     cot_style: str = "scene_first",
     config_overrides: dict[str, Any] | None = None,
+    processes: int | None = None,
 ) -> DemoSummary:
     """Run the embedded default end to end within about `minutes` of wall time.
 
@@ -547,30 +522,73 @@ def run_demo(
             18% (`STAGE_ENDS`).
         seed: seeds the synthetic world, the model and the training.
         quick: a reduced-size smoke run (tiny data, a few steps) for tests.
-        threads: torch threads (default 1; None leaves torch's default). One thread is the
-            fastest on a shared CPU: the tiny model's ops are too small to gain from a second
-            one, and a thread spin-waiting for a core that another process holds slows every
-            step by an order of magnitude.
+        threads: torch threads of each process (default 1; None leaves torch's default). One
+            thread is the fastest on a shared CPU: the tiny model's ops are too small to gain
+            from a second one, and a thread spin-waiting for a core that another process
+            holds slows every step by an order of magnitude. Under 2 or more processes every
+            rank runs 1 thread.
         cot_style: the gold chain of thought of the synthetic world
             (`SyntheticWorldConfig.cot_style`): "scene_first" (default: the VLM first
             describes the scene, as in its pretraining, then reasons over that text) or
             "focused" (straight to the relevant shapes; docs/results.md compares them).
         config_overrides: fields of the tiny model's `SegCompassConfig` to change (checked
             by the config, as any other value), e.g. ``{"codebook_dim": 64}``.
+        processes: data-parallel CPU processes for the training stages (gloo); None: 2 when
+            2 or more cores are available to this process, else 1 (`default_processes`).
+            The global batch sizes and the wall budget are the same for any number.
 
     Returns:
         The `DemoSummary`, also written to summary.json and summary.md in `output_dir`.
     """
-    from transformers import set_seed
-
     if minutes <= 0:
         raise ValueError(f"run_demo: minutes must be > 0, got {minutes!r}.")
+    processes = default_processes() if processes is None else processes
+    if not isinstance(processes, int) or not 1 <= processes <= 8:
+        raise ValueError(
+            f"run_demo: processes must be an int from 1 to 8, got {processes!r}; leave it "
+            "None for 2 when 2 or more cores are available, else 1."
+        )
     overrides = dict(config_overrides or {})
     _check_config_overrides(overrides)
-    start = time.time()
+    settings = {
+        "output_dir": str(output_dir),
+        "minutes": minutes,
+        "seed": seed,
+        "quick": quick,
+        "threads": threads,
+        "cot_style": cot_style,
+        "config_overrides": overrides,
+        "start": time.time(),  # one clock for every rank's deadlines
+    }
+    if processes == 1:
+        return _run_rank(rank=0, world_size=1, **settings)
+    launch(processes, _run_rank, **settings)
+    data = json.loads((Path(output_dir) / "summary.json").read_text())
+    return DemoSummary(**data)
+
+
+def _run_rank(
+    *,
+    rank: int,
+    world_size: int,
+    output_dir: str,
+    minutes: float,
+    seed: int,
+    quick: bool,
+    threads: int | None,
+    cot_style: str,
+    config_overrides: dict[str, Any],
+    start: float,
+) -> DemoSummary:
+    """The stages on one rank of ``world_size`` (rank 0 alone runs the ones after GRPO and
+    writes the summary)."""
+    from transformers import set_seed
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if threads:
+    if world_size > 1:
+        torch.set_num_threads(1)
+    elif threads:
         torch.set_num_threads(threads)
     set_seed(seed)
     state = DemoState(
@@ -580,17 +598,27 @@ def run_demo(
         quick=quick,
         cot_style=cot_style,
         start=start,
-        summary=DemoSummary(output_dir=str(out), wall_time_s=0.0, config_overrides=overrides),
+        summary=DemoSummary(
+            output_dir=str(out),
+            wall_time_s=0.0,
+            config_overrides=config_overrides,
+            processes=world_size,
+        ),
         stage_start=time.time(),
-        config_overrides=overrides,
+        config_overrides=config_overrides,
+        rank=rank,
+        world_size=world_size,
     )
     for stage, name in STAGES:
+        if not state.main and name in MAIN_ONLY:
+            continue
         stage(state)
         if name is not None:
             state.stage_done(name)
-    _remove_empty_folders(out)
-
     summary = state.summary
+    if not state.main:
+        return summary
+    _remove_empty_folders(out)
     summary.files = {
         "evaluation": str(out / "evaluation.json"),
         "interpretability_report": str(state.report_path),
@@ -601,9 +629,10 @@ def run_demo(
         "reloaded_prediction": str(out / "reloaded_prediction.png"),
         "summary": str(out / "summary.md"),
     }
+    summary.peak_memory_mb["rank0"] = peak_memory_mb()
     summary.wall_time_s = round(time.time() - start, 1)
     write_summary(summary, out)
     return summary
 
 
-__all__ = ["STAGES", "STAGE_ENDS", "DemoState", "DemoSummary", "run_demo"]
+__all__ = ["MAIN_ONLY", "STAGES", "STAGE_ENDS", "DemoState", "DemoSummary", "run_demo"]

@@ -2,13 +2,18 @@
 its steps in a progress bar (with the time left), and schedule the learning rate on time.
 
 The demo gives each training stage a share of its budget (`run.STAGE_ENDS`); with these
-callbacks a stage ends when its share does, whatever the machine's speed.
+callbacks a stage ends when its share does, whatever the machine's speed. Under
+torch.distributed they read rank 0's clock (`agreed_time`): every rank stops at the same step
+(a rank stopping alone would wait forever in the next collective) and sets the same learning
+rates (the replicas stay identical).
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
+
+from ..training.vlm_pretraining import agreed_time
 
 
 def time_limit_callback(deadline: float) -> Any:
@@ -19,7 +24,7 @@ def time_limit_callback(deadline: float) -> Any:
         """Stop training when the wall-clock budget of the stage is used up."""
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            if time.time() > deadline:
+            if agreed_time() > deadline:
                 control.should_training_stop = True
             return control
 
@@ -77,7 +82,7 @@ def time_schedule_callback(deadline: float, warmup_steps: int, min_ratio: float 
             self.cosine_start = None
 
         def on_step_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
-            now = time.time()
+            now = agreed_time()
             if state.global_step < warmup_steps:
                 factor = (state.global_step + 1) / warmup_steps
             else:

@@ -31,6 +31,14 @@ class DemoSummary:
     reload_check: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    #: data-parallel processes of the training stages (1: one process, no torch.distributed)
+    processes: int = 1
+    #: optimiser steps per second of each training stage (SAE: its training steps)
+    steps_per_s: dict[str, float] = field(default_factory=dict)
+    #: peak resident memory of each process in MiB
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    #: whether every rank held the same parameters after GRPO (True on one process)
+    replicas_identical: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +61,12 @@ class DemoSummary:
             "- stage times (s): "
             + ", ".join(f"{k} {v:.0f}" for k, v in self.stage_times_s.items()),
             f"- steps per stage: {steps}",
+            "- steps per second: "
+            + (", ".join(f"{k} {v:.2f}" for k, v in self.steps_per_s.items()) or "(not run)"),
+            f"- processes: {self.processes} (data-parallel training, gloo, 1 thread each)"
+            + ("" if self.processes == 1 else f"; replicas identical: {self.replicas_identical}"),
+            "- peak memory (MiB): "
+            + (", ".join(f"{k} {v:.0f}" for k, v in self.peak_memory_mb.items()) or "-"),
             f"- data: train {self.num_train} / held-out {self.num_held_out} examples",
             f"- config overrides: {self.config_overrides or 'none (the tiny default)'}",
             f"- {_dependence_line(self.image_dependence)}",

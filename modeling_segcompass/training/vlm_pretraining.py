@@ -12,6 +12,12 @@ path), so a step costs about a quarter of a SegCompass training step.
 
 `image_dependence` is the measurement: the held-out LM loss with the right images against
 the same examples with the images rotated by one within each batch.
+
+Under torch.distributed (e.g. the demo's ranks, gloo on CPU) `pretrain_vlm` is data-parallel:
+each rank draws its own batch, the gradients (and the logged loss) are averaged over the ranks
+in one all-reduce per step, and the wall clock that schedules and stops the run is rank 0's
+(`agreed_time`), so every rank takes the same steps with the same learning rates and the
+replicas stay identical.
 """
 
 from __future__ import annotations
@@ -121,6 +127,49 @@ def image_dependence(
     return ImageDependence(right / count, other / count, count)
 
 
+def _distributed_world() -> int:
+    """The number of ranks of the default process group (1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def agreed_time() -> float:
+    """``time.time()`` on rank 0, broadcast to every rank of the default process group (the
+    local time without one). Decisions taken on wall time (stop at a deadline, a learning rate
+    scheduled on time) must be the same on every rank: a rank that stops alone waits forever
+    in the next collective, and different learning rates let the replicas drift apart."""
+    now = time.time()
+    if _distributed_world() == 1:
+        return now
+    import torch.distributed as dist
+
+    shared = torch.tensor([now], dtype=torch.float64)
+    dist.broadcast(shared, src=0)
+    return float(shared.item())
+
+
+def _average_over_ranks(params: Sequence[torch.Tensor], loss: torch.Tensor, world: int) -> float:
+    """Average the gradients of ``params`` and ``loss`` over the ranks (one all-reduce) and
+    return the averaged loss; the gradients are written back in place."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for param, grad in zip(params, grads):
+        count = grad.numel()
+        update = flat[offset : offset + count].view_as(grad)
+        if param.grad is None:
+            param.grad = update.clone()
+        else:
+            param.grad.copy_(update)
+        offset += count
+    return float(flat[-1].item())
+
+
 def pretrain_vlm(
     model: Any,
     examples: Sequence[dict[str, Any]],
@@ -145,6 +194,10 @@ def pretrain_vlm(
     comes first. Batches are drawn with replacement from a generator seeded with `seed`.
 
     Only the VLM's parameters are updated; the rest of SegCompass is untouched.
+
+    Under torch.distributed, `batch_size` is each rank's share of the batch and rank r draws
+    with seed ``seed + r``; the replicas must start identical (same seed): the gradients are
+    averaged over the ranks and the time is rank 0's, so they stay so.
     """
     if max_steps < 1:
         raise ValueError(f"pretrain_vlm: max_steps must be >= 1, got {max_steps}.")
@@ -155,8 +208,14 @@ def pretrain_vlm(
     collator = SegCompassCollator(processor)
     params = [p for p in model.vlm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    rng = np.random.default_rng(seed)
-    start = time.time()
+    world = _distributed_world()
+    rank = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+    rng = np.random.default_rng(seed + rank)
+    start = agreed_time()
     budget = None if deadline is None else max(deadline - start, 1e-6)
     losses: list[float] = []
     was_training = model.training
@@ -173,7 +232,7 @@ def pretrain_vlm(
         while step < max_steps:
             done = step / max_steps
             if budget is not None:
-                done = max(done, (time.time() - start) / budget)
+                done = max(done, (agreed_time() - start) / budget)
                 if done >= 1.0:
                     break
             if step < warmup_steps:
@@ -190,10 +249,11 @@ def pretrain_vlm(
                     f"learning_rate (now {learning_rate})."
                 )
             loss.backward()
+            logged = _average_over_ranks(params, loss, world) if world > 1 else loss.item()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(logged)
             step += 1
             if bar is not None:
                 postfix = {"loss": f"{np.mean(losses[-20:]):.3f}"}
@@ -208,7 +268,7 @@ def pretrain_vlm(
     window = max(1, min(20, len(losses) // 5))
     return VLMPretrainingReport(
         steps=step,
-        seconds=round(time.time() - start, 1),
+        seconds=round(agreed_time() - start, 1),
         first_loss=float(np.mean(losses[:window])) if losses else float("nan"),
         final_loss=float(np.mean(losses[-window:])) if losses else float("nan"),
         losses=losses,

@@ -97,7 +97,7 @@ def test_demo_passes_its_options_to_run_demo(capsys, monkeypatch, tmp_path):
     assert code == 0 and "demo summary text" in out
     assert seen == {"output_dir": str(tmp_path), "minutes": 3.5, "seed": 7, "quick": True,
                     "threads": 1, "cot_style": "focused",
-                    "config_overrides": {"codebook_dim": 64}}  # fmt: skip
+                    "config_overrides": {"codebook_dim": 64}, "processes": None}  # fmt: skip
     code, _, err = run(capsys, "demo", "--cot-style", "scene")
     assert code != 0 and "invalid choice: 'scene'" in err and "scene_first" in err
 

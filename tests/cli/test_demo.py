@@ -41,7 +41,7 @@ def assert_every_stage_counts_steps(stderr):
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path, capfd):
-    summary = run_demo(tmp_path / "demo", minutes=2, quick=True, seed=0)
+    summary = run_demo(tmp_path / "demo", minutes=2, quick=True, seed=0, processes=1)
     assert_every_stage_counts_steps(capfd.readouterr().err)
     curves = tmp_path / "demo" / "training_curves.png"
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,6 +75,47 @@ def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path, c
     text = summary.to_text()
     assert "# SegCompass demo summary" in text and "- reload: ok" in text
     assert (tmp_path / "demo" / "summary.md").read_text().strip() == text.strip()
+
+
+@pytest.mark.slow
+def test_quick_demo_on_two_processes_trains_data_parallel_and_exports_one_model(tmp_path, capfd):
+    """The acceptance run: the reduced-size demo with its training stages on 2 gloo ranks
+    ends with one Hub-ready model that reloads through remote code, and a summary."""
+    from PIL import Image
+
+    demo = tmp_path / "demo"
+    summary = run_demo(demo, minutes=2, quick=True, seed=0, processes=2)
+    err = capfd.readouterr().err
+    assert summary.processes == 2 and summary.replicas_identical is True
+    assert set(summary.peak_memory_mb) == {"rank0", "rank1"}
+    assert all(value > 0 for value in summary.peak_memory_mb.values())
+    # the same steps and stages as on one process
+    assert summary.vlm_pretraining["steps"] == 3
+    assert summary.sft_steps == 3 and summary.grpo_steps == 1
+    for stage in ("vlm_pretraining", "sae_pretraining", "supervised_warmup", "grpo"):
+        assert summary.steps_per_s[stage] > 0, stage
+    assert_every_stage_counts_steps(err)
+    saved = json.loads((demo / "summary.json").read_text())
+    assert saved["processes"] == 2 and saved["end_to_end"]["overall"]["n"] == 14
+    assert (demo / "summary.md").read_text().startswith("# SegCompass demo summary")
+    assert "- reload: ok" in (demo / "summary.md").read_text()
+    assert summary.reload_check["class_module"].startswith("transformers_modules.")
+    with Image.open(demo / "training_curves.png") as image:
+        assert image.size[0] > 0
+    # one model and one SAE, written by rank 0; nothing left from rank 1
+    assert_final_sae_exported(demo)
+    assert sorted(p.name for p in demo.iterdir() if p.name.startswith(".")) == []
+
+
+def test_demo_uses_two_processes_when_two_cores_are_available(monkeypatch):
+    import modeling_segcompass.demo.processes as processes
+
+    monkeypatch.setattr(processes.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert processes.default_processes() == 2
+    monkeypatch.setattr(processes.os, "sched_getaffinity", lambda pid: {3})
+    assert processes.default_processes() == 1
+    with pytest.raises(ValueError, match="processes must be an int"):
+        run_demo("unused", processes=0)
 
 
 def test_time_schedule_warms_up_by_steps_then_decays_on_wall_time(monkeypatch):
