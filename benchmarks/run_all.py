@@ -28,6 +28,7 @@ BENCHMARKS = {
     "mask_decoding": ("bench_mask_decoding.py", "3. mask decoding, batched vs per-image loop"),
     "grpo_step": ("bench_grpo_step.py", "4. GRPO step with vs without the mask loss"),
     "inference": ("bench_inference.py", "5. inference latency and throughput, tiny default"),
+    "demo_stages": ("bench_demo_stages.py", "6. demo training stages, 2 processes vs 1"),
 }
 
 
