@@ -4,6 +4,11 @@ The test launches this very file as the worker script. Each rank trains the tiny
 two SFT steps, then two GRPO steps, and writes checksums of its parameters; the test checks
 that both ranks finished, that training changed the parameters, and that the two replicas
 are identical after each phase (DDP kept them in sync).
+
+A second worker (``SEGCOMPASS_DISTRIBUTED_CASE=clock``) runs the demo's wall-clock stages,
+VLM pretraining and a Trainer with the demo's deadline and time-schedule callbacks, with
+rank 1's clock 1000 s ahead: the ranks must still stop at the same step (rank 0's clock
+decides) with identical parameters.
 """
 
 from __future__ import annotations
@@ -110,6 +115,76 @@ def worker(out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
 
 
+def clock_worker(out_dir: str) -> None:
+    import time
+
+    import torch
+    from accelerate import PartialState
+    from transformers import Trainer, TrainingArguments
+
+    from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation
+    from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer
+    from modeling_segcompass.data.collator import SegCompassCollator
+    from modeling_segcompass.data.synthetic import (
+        SyntheticWorldConfig,
+        describe_example,
+        generate_examples,
+        iter_texts,
+    )
+    from modeling_segcompass.demo.schedule import time_limit_callback, time_schedule_callback
+    from modeling_segcompass.processing_segcompass import SegCompassProcessor
+    from modeling_segcompass.training.vlm_pretraining import agreed_time, pretrain_vlm
+
+    state = PartialState(cpu=True)
+    rank = state.process_index
+    if rank == 1:  # a clock far ahead: alone, this rank would stop at once
+        real_time = time.time
+        time.time = lambda: real_time() + 1000.0
+    world_config = SyntheticWorldConfig(num_slots=3, seed=2)
+    tokenizer = build_tiny_tokenizer(list(iter_texts(world_config, 100)), vocab_size=400)
+    processor = SegCompassProcessor.tiny(tokenizer, num_slots=3)
+    examples = generate_examples(world_config, 16)
+    torch.manual_seed(0)
+    model = SegCompassForReasoningSegmentation(SegCompassConfig.tiny(vocab_size=len(tokenizer)))
+    report = {"rank": rank, "initial": _checksum(model)}
+
+    vlm = pretrain_vlm(
+        model, [describe_example(ex, world_config) for ex in examples], processor,
+        max_steps=1_000_000, deadline=agreed_time() + 3.0, warmup_steps=1, batch_size=2,
+        progress=False,
+    )  # fmt: skip
+    report["vlm_steps"], report["vlm"] = vlm.steps, _checksum(model)
+
+    deadline = agreed_time() + 3.0
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, "sft"), remove_unused_columns=False, use_cpu=True,
+        bf16=False, report_to=[], save_strategy="no", logging_strategy="no", seed=0,
+        max_steps=1_000_000, per_device_train_batch_size=2, learning_rate=1e-3,
+        lr_scheduler_type="constant",
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=SegCompassCollator(processor),
+        callbacks=[time_schedule_callback(deadline, warmup_steps=1), time_limit_callback(deadline)],
+    )
+    trainer.train()
+    report["sft_steps"], report["sft"] = trainer.state.global_step, _checksum(model)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.slow
+def test_wall_clock_stages_stop_together_on_rank_zeros_clock(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGCOMPASS_DISTRIBUTED_CASE", "clock")
+    reports, logs = launch_two_cpu_processes(__file__, tmp_path, TIMEOUT_S)
+    for stage in ("vlm", "sft"):
+        assert reports[0][f"{stage}_steps"] == reports[1][f"{stage}_steps"] >= 2, (stage, logs)
+        assert reports[0][stage]["sha256"] == reports[1][stage]["sha256"], (stage, logs)
+    assert reports[0]["vlm"]["sha256"] != reports[0]["initial"]["sha256"]
+    assert reports[0]["sft"]["sha256"] != reports[0]["vlm"]["sha256"]
+
+
 @pytest.mark.slow
 def test_sft_and_grpo_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     reports, logs = launch_two_cpu_processes(__file__, tmp_path, TIMEOUT_S)
@@ -125,4 +200,5 @@ def test_sft_and_grpo_under_accelerate_launch_with_two_cpu_processes(tmp_path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", required=True, help="output folder of the rank reports")
-    worker(parser.parse_args().worker)
+    case = os.environ.get("SEGCOMPASS_DISTRIBUTED_CASE", "train")
+    (clock_worker if case == "clock" else worker)(parser.parse_args().worker)
