@@ -234,6 +234,7 @@ def paper_fields(vlm: str, num_slots: int) -> dict[str, Any]:
         "codebook_heads": 8,
         "codebook_ffn_dim": 2048,
         "codebook_readout_pairs": None,  # the paper's dense readout
+        "slot_mapper_ref_input": True,
         "num_slots": num_slots,
         "slot_mapper_heads": 8,
         "slot_fuser_channels": 32,
@@ -260,6 +261,7 @@ def upstream_fields(base: str, num_slots: int) -> dict[str, Any]:
         "codebook_ffn_dim": 2048,
         "codebook_dropout": 0.0,
         "codebook_readout_pairs": None,  # the slot is the encoder's output
+        "slot_mapper_ref_input": True,  # the <REF_POS> state is fused with the slot
         "num_slots": num_slots,
         # SlotAttnHeatmapHead, get_ref_vec and the -50 fill of VLRefSegCore
         "slot_mapper_type": "upstream",

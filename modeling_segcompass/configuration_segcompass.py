@@ -73,6 +73,10 @@ class SegCompassConfig(PreTrainedConfig):
             concept) pairs, its vector built from those pairs' codebook rows alone, so the
             concepts an explanation names are all the slot read (docs/interpretability.md).
         num_slots (`int`): K, the number of `<REF_POS>` tokens / slots / masks.
+        slot_mapper_ref_input (`bool`):
+            True (the paper's): the slot mapper fuses each slot with its `<REF_POS>` state.
+            False (an interpretability option): it reads zeros there, so the only path from
+            the reasoning to the mask runs through the SAE concepts the slot gathered.
         slot_mapper_heads (`int`): heads of the slot-to-image similarity.
         slot_fuser_channels (`int`): width of the conv fuser that turns similarity maps into a heatmap.
         slot_mapper_type (`str`): `"segcompass"` ([`SlotMapper`], this package's head) or
@@ -161,6 +165,7 @@ class SegCompassConfig(PreTrainedConfig):
     slot_mapper_heads: int = 8
     slot_fuser_channels: int = 32
     slot_mapper_type: str = "segcompass"
+    slot_mapper_ref_input: bool = True
     slot_order: str = "reading"
     heatmap_outside_fill: float | None = None
     # token ids
@@ -272,6 +277,8 @@ class SegCompassConfig(PreTrainedConfig):
                 '"auto" (images per call from the sizes), a positive integer or None (all)',
                 chunk,
             )
+        if not isinstance(self.slot_mapper_ref_input, bool):
+            fail("slot_mapper_ref_input", "True or False", self.slot_mapper_ref_input)
         pairs = self.codebook_readout_pairs
         if pairs is not None and (
             not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1

@@ -493,7 +493,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             image_embeddings = self.encode_image(sam_pixel_values)
         else:  # precomputed (e.g. cached in float32): the mask path runs in its own precision
             image_embeddings = image_embeddings.to(floating_dtype(self.mask_decoder))
-        mapped = self.slot_mapper(book.slots, ref_states, image_embeddings)
+        mapper_refs = ref_states if cfg.slot_mapper_ref_input else torch.zeros_like(ref_states)
+        mapped = self.slot_mapper(book.slots, mapper_refs, image_embeddings)
         prompts = fill_outside_image(mapped.heatmap_logits, valid_mask, cfg.heatmap_outside_fill)
         mask_logits, iou_scores = self.decode_masks(prompts, image_embeddings)
         if values_are_checked(self, input_ids):  # NaN / Inf outputs mean broken weights

@@ -166,3 +166,23 @@ def test_config_field_builds_the_pair_readout_and_the_paper_presets_keep_it_off(
         model.eval()
         first = model(**batch)
     torch.testing.assert_close(again.mask_logits, first.mask_logits)
+
+
+def test_slot_mapper_without_ref_input_ignores_the_ref_states():
+    from modeling_segcompass import SegCompassConfig
+    from tests.helpers import build_tiny_model, make_batch
+
+    assert SegCompassConfig.upstream().slot_mapper_ref_input is True
+    assert SegCompassConfig.paper().slot_mapper_ref_input is True
+    with pytest.raises(ValueError, match="slot_mapper_ref_input"):
+        SegCompassConfig.tiny(slot_mapper_ref_input="no")
+    batch = make_batch(build_tiny_model().config, [3, 2])
+    calls = []
+    for ref_input in (True, False):
+        model = build_tiny_model(slot_mapper_ref_input=ref_input)
+        hook = model.slot_mapper.register_forward_hook(lambda m, i, o: calls.append(i[1]))
+        with torch.no_grad():
+            out = model(**batch)
+        hook.remove()
+        assert out.ref_hidden_states.abs().sum() > 0  # the output still reports the states
+    assert calls[0].abs().sum() > 0 and calls[1].abs().sum() == 0
