@@ -29,6 +29,10 @@ BENCHMARKS = {
     "grpo_step": ("bench_grpo_step.py", "4. GRPO step with vs without the mask loss"),
     "inference": ("bench_inference.py", "5. inference latency and throughput, tiny default"),
     "demo_stages": ("bench_demo_stages.py", "6. demo training stages, 2 processes vs 1"),
+    "training_step": (
+        "bench_training_step.py",
+        "7. training step of the tiny default, optimised vs straightforward (1 thread)",
+    ),
 }
 
 

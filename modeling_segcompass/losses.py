@@ -482,15 +482,16 @@ def language_model_loss(
 
 
 def sae_reconstruction_loss(
-    sae: nn.Module, sae_input: torch.Tensor, token_mask: torch.Tensor
+    sae: nn.Module, sae_input: torch.Tensor, token_mask: torch.Tensor, codes: Any = None
 ) -> torch.Tensor:
     """Reconstruction MSE / variance of the (detached) SAE input over real tokens, in float32.
 
     The target is detached so that this term trains the SAE only; the LLM learns through the
-    concept path.
+    concept path. `codes`: ``sae.encode(sae_input.detach())`` when already computed (the
+    forward gets them from `SparseAutoencoder.encode_pair`); encoded here when None.
     """
     target = sae_input.detach()
-    recon = sae.decode(sae.encode(target)).float()
+    recon = sae.decode(sae.encode(target) if codes is None else codes).float()
     target = target.float()
     real = token_mask.unsqueeze(-1).to(target.dtype)  # (B, L, 1)
     count = real.sum().clamp_min(1.0)

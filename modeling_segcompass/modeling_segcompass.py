@@ -51,9 +51,8 @@ from .slot_mapper import SlotMapper, UpstreamSlotMapper
 from .sparse_autoencoder import SparseAutoencoder
 from .vlm_states import _decoder_layers, fill_outside_image, gather_ref_hidden_states
 
-#: "auto" images per decoder call: bytes of the (b*K, C, E, E) prompt + image sum one call
-#: builds, per device type: a CPU's cache-sized 16 MiB (SAM's C 256, E 64: one image's 4
-#: prompts; the tiny default: its whole batch), a GPU's 256 MiB (docs/performance.md).
+#: "auto" images per decoder call: bytes of one call's (b*K, C, E, E) prompt + image sum per
+#: device type: a CPU's cache-sized 16 MiB (SAM size: 4 prompts), a GPU's 256 MiB.
 DECODER_CALL_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
 
 
@@ -330,10 +329,9 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         step = self.images_per_decoder_call(batch, num_slots, heatmap_logits.device)
         if step >= batch:
             return self._decode_mask_group(dense, image_embeddings)
-        parts = [
-            self._decode_mask_group(dense[i : i + step], image_embeddings[i : i + step])
-            for i in range(0, batch, step)
-        ]
+        # split, not sliced: a slice's backward fills a zero (B, K, C, E, E) per call
+        pairs = zip(dense.split(step), image_embeddings.split(step), strict=True)
+        parts = [self._decode_mask_group(d, e) for d, e in pairs]
         return torch.cat([m for m, _ in parts]), torch.cat([u for _, u in parts])
 
     def _decode_mask_group(
@@ -355,8 +353,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         decoder = self.mask_decoder
         batch, num_slots, channels, height, width = dense.shape
         prompts = batch * num_slots
-        # each prompt's dense embedding + its image's embedding (SAM adds them before the
-        # two-way transformer): the one (b*K, C, E, E) tensor a call must build
+        # prompt + image embedding (SAM's first step): the one (b*K, C, E, E) tensor needed
         keys = (image_embeddings.unsqueeze(1) + dense).reshape(prompts, channels, height, width)
         positional = self.image_positional_embeddings().to(keys.dtype)
         positional = positional.expand(prompts, -1, -1, -1)
@@ -478,8 +475,11 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             last_hidden, input_ids, cfg.ref_token_id, cfg.num_slots, cfg.slot_order
         )
 
-        # 3. Sparse concepts of every token; padding carries no concept.
-        codes = self.sae.encode(sae_input)
+        # 3. Sparse concepts of every token; padding carries no concept. The reconstruction
+        # loss's codes (of the detached input) come from the same selection.
+        recon = cfg.sae_reconstruction_weight > 0 and (labels is not None or gt_masks is not None)
+        pair = self.sae.encode_pair(sae_input) if recon else (self.sae.encode(sae_input), None)
+        codes, recon_codes = pair
         token_mask = attention_mask.bool()
         concept_values = codes.values * token_mask.unsqueeze(-1).to(codes.values.dtype)
         concept_indices = codes.indices
@@ -506,8 +506,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             losses["lm"] = language_model_loss(
                 labels, self.vlm.lm_head, logits=logits, last_hidden=last_hidden
             )
-        if cfg.sae_reconstruction_weight > 0 and (labels is not None or gt_masks is not None):
-            losses["sae"] = sae_reconstruction_loss(self.sae, sae_input, token_mask)
+        if recon:
+            losses["sae"] = sae_reconstruction_loss(self.sae, sae_input, token_mask, recon_codes)
         slot_to_target = None
         if gt_masks is not None:
             seg = self.segmentation_loss(

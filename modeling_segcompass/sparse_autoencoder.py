@@ -94,6 +94,30 @@ class _JumpReLUWithThresholdGradient(torch.autograd.Function):
         return grad_pre, grad_threshold, None
 
 
+class _PickedPreActivations(torch.autograd.Function):
+    """Entries (C, n) of the pre-activations ``sae_in @ W_enc + b_enc`` at (row, `indices`),
+    given their precomputed values; backward is that of the dense product then indexing
+    (a (C, d_sae) gradient with the entries' gradients at their places, then the product's
+    backward), so gradients are those autograd gives for `SparseAutoencoder.encode`."""
+
+    @staticmethod
+    def forward(ctx, sae_in, w_enc, b_enc, picked, indices):  # noqa: ARG004
+        ctx.save_for_backward(sae_in, w_enc, indices)
+        return picked.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        sae_in, w_enc, indices = ctx.saved_tensors
+        rows = torch.arange(indices.shape[0], device=indices.device)[:, None]
+        dense = grad.new_zeros(sae_in.shape[0], w_enc.shape[1])
+        dense.index_put_((rows.expand_as(indices), indices), grad, accumulate=True)
+        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_in = dense @ w_enc.t() if need_in else None
+        grad_w = sae_in.t() @ dense if need_w else None
+        grad_b = dense.sum(0) if need_b else None
+        return grad_in, grad_w, grad_b, None, None
+
+
 def _pack_positive(
     scores: torch.Tensor, max_active: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,6 +347,40 @@ class SparseAutoencoder(nn.Module):
             F.threshold_(scores, float(below), 0.0)
         return scores
 
+    def _select(
+        self, pre: torch.Tensor, in_place: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The latents a chunk keeps, from its pre-activations (C, d_sae), without autograd.
+
+        Returns (indices (C, n), kept (C, n) activated + thresholded values or None, the
+        selection's own values: topk's pre-activations or `kept`). `in_place` lets relu /
+        jumprelu overwrite `pre` (no (C, d_sae) copy)."""
+        with torch.no_grad():
+            if self.architecture == "topk":
+                top = pre.topk(self._effective_k(), dim=-1)  # (C, k)
+                return top.indices, None, top.values
+            scores = self._select_in_place(pre if in_place else pre.detach().clone())
+            # n = largest active count (at least one slot, so that downstream attention
+            # always has a key), at most max_active
+            indices, kept = _pack_positive(scores, self.max_active)  # (C, n) each
+            return indices, kept, kept
+
+    def _values_from_picked(
+        self, picked: torch.Tensor, indices: torch.Tensor, kept: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activate the picked pre-activations (C, n) of the selection -> (values, indices)."""
+        if self.architecture == "topk":
+            values = F.relu(picked)
+        else:
+            threshold = (
+                self.threshold.detach().relu()[indices] if self.architecture == "jumprelu" else None
+            )
+            values = self._activate(picked, threshold)
+            # padding slots (value 0 in the selection) may point at an active column
+            values = values.masked_fill(kept == 0, 0)
+        values = self._apply_activation_threshold(values)
+        return values, indices.masked_fill(values == 0, 0)
+
     def _encode_rows(self, x_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse codes of a (C, d_in) chunk -> (values (C, n_c), indices (C, n_c)).
 
@@ -335,20 +393,11 @@ class SparseAutoencoder(nn.Module):
         """
         pre = self.pre_activations(x_rows)  # (C, d_sae)
         track = torch.is_grad_enabled() and pre.requires_grad
-        with torch.no_grad():
-            if self.architecture == "topk":
-                top = pre.topk(self._effective_k(), dim=-1)  # (C, k)
-                indices = top.indices
-            else:
-                scores = self._select_in_place(pre.detach().clone() if track else pre)
-                # n = largest active count (at least one slot, so that downstream attention
-                # always has a key), at most max_active
-                indices, kept = _pack_positive(scores, self.max_active)  # (C, n) each
-                del scores
+        indices, kept, selected = self._select(pre, in_place=not track)
         if not track:
             del pre  # free the chunk's dense buffer before the small tensors below
             if self.architecture == "topk":
-                values = self._apply_activation_threshold(F.relu(top.values))
+                values = self._apply_activation_threshold(F.relu(selected))
             else:  # already activated and thresholded in place
                 values = kept
             return values, indices.masked_fill(values == 0, 0)
@@ -356,19 +405,51 @@ class SparseAutoencoder(nn.Module):
         # gather) saves only the index for backward, so autograd keeps (C, n) tensors and
         # the chunk's dense (C, d_sae) buffer is freed when this function returns.
         rows = torch.arange(indices.shape[0], device=indices.device)[:, None]  # (C, 1)
-        picked = pre[rows, indices]  # (C, n)
-        if self.architecture == "topk":
-            values = F.relu(picked)
-        else:
-            threshold = (
-                self.threshold.detach().relu()[indices] if self.architecture == "jumprelu" else None
-            )
-            values = self._activate(picked, threshold)
-            # padding slots (value 0 in the selection) may point at an active column
-            values = values.masked_fill(kept == 0, 0)
-        values = self._apply_activation_threshold(values)
-        indices = indices.masked_fill(values == 0, 0)
-        return values, indices
+        return self._values_from_picked(pre[rows, indices], indices, kept)
+
+    def encode_pair(self, x: torch.Tensor) -> tuple[SparseCodes, SparseCodes]:
+        """``(encode(x), encode(x.detach()))`` from one pre-activation product and selection.
+
+        The same numbers as the two calls; the first's gradient reaches ``x`` and the SAE,
+        the second's only the SAE (its reconstruction loss trains the SAE, not the layers
+        below). Each chunk's product and top-k run once, without autograd; the kept entries
+        enter the graph twice through `_PickedPreActivations`, whose backward is the dense
+        product's. Without autograd both are ``encode(x)``.
+        """
+        self._check_input(x)
+        params = (self.W_enc, self.b_enc, self.b_dec)
+        if not torch.is_grad_enabled() or not (
+            x.requires_grad or any(p.requires_grad for p in params)
+        ):
+            codes = self.encode(x)
+            return codes, codes
+        lead = x.shape[:-1]
+        pieces: tuple[list, list] = ([], [])
+        for x_rows in self._row_chunks(x):
+            with torch.no_grad():
+                pre = self.pre_activations(x_rows)  # (C, d_sae)
+            indices, kept, _ = self._select(pre, in_place=False)
+            rows = torch.arange(indices.shape[0], device=indices.device)[:, None]
+            picked = pre[rows, indices]  # (C, n)
+            del pre
+            for source, out in zip((x_rows, x_rows.detach()), pieces, strict=True):
+                sae_in = source.to(self.W_enc.dtype)
+                if self.apply_b_dec_to_input:
+                    sae_in = sae_in - self.b_dec
+                entries = _PickedPreActivations.apply(
+                    sae_in, self.W_enc, self.b_enc, picked, indices
+                )
+                out.append(self._values_from_picked(entries, indices, kept))
+        if not pieces[0]:
+            codes = self.encode(x)
+            return codes, codes
+        result = []
+        for out in pieces:
+            n = max(v.shape[-1] for v, _ in out)
+            values = torch.cat([F.pad(v, (0, n - v.shape[-1])) for v, _ in out])  # (N, n)
+            indices = torch.cat([F.pad(i, (0, n - i.shape[-1])) for _, i in out])  # (N, n)
+            result.append(SparseCodes(indices.reshape(*lead, n), values.reshape(*lead, n)))
+        return result[0], result[1]
 
     def _row_chunks(self, x: torch.Tensor):
         rows = x.reshape(-1, self.d_in)  # (N, d_in), N = prod(leading dims)

@@ -18,6 +18,7 @@ from benchmarks import (
     bench_grpo_step,
     bench_inference,
     bench_mask_decoding,
+    bench_training_step,
     reference_path,
 )
 from benchmarks.harness import (
@@ -357,3 +358,22 @@ def test_batched_segment_agrees_with_batch_one_calls():
     assert tokens > 5  # pinned completion length covers a gold response
     agreements = bench_inference.check_agreement(model, processor, images, instructions, 10)
     assert all(a.ok for a in agreements), [a.line() for a in agreements]
+
+
+def test_training_step_paths_agree_and_the_check_catches_a_reconstruction_gradient_leak(
+    monkeypatch,
+):
+    """Benchmark 7's check: the optimised warm-up and GRPO steps give the straightforward
+    path's loss and gradients; a reconstruction loss whose gradient reaches the VLM (codes of
+    the undetached input) is caught."""
+    steps = bench_training_step.build(CPU, batch=3, grpo_batch=2, completion_len=24)
+    agreements = bench_training_step.check_agreement(steps)
+    assert len(agreements) == 4 and all(a.ok for a in agreements), [a.line() for a in agreements]
+    assert any(a.max_abs_diff == 0 for a in agreements)  # the losses are the same numbers
+
+    def leaking_pair(self, sae_input):
+        return self.encode(sae_input), self.encode(sae_input)
+
+    monkeypatch.setattr(type(steps.model.sae), "encode_pair", leaking_pair)
+    agreements = bench_training_step.check_agreement(steps)
+    assert not all(a.ok for a in agreements)

@@ -626,3 +626,50 @@ def test_padding_slots_never_copy_an_active_column_zero(max_active):
     assert torch.equal(scatter_codes(fast, 4), expected)
     tracked.values.sum().backward()
     assert torch.equal(x.grad, (expected > 0).float())  # one gradient per kept latent
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("chunk_size", [10_000, 7])
+def test_encode_pair_is_encode_of_the_input_and_of_its_detached_copy(architecture, chunk_size):
+    """One selection serves both codes: the same numbers as two `encode` calls, the first's
+    gradient reaches the input and the SAE, the second's only the SAE. In one chunk the loss
+    and every gradient are bitwise those of the two calls; over several chunks the SAE's
+    gradients add the (2 x chunks) contributions in another order (float32 rounding)."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(
+        d_in=16, d_sae=64, architecture=architecture, k=5,
+        activation_threshold=0.0 if architecture == "topk" else 0.1,
+    )  # fmt: skip
+    sae.chunk_size = chunk_size
+    x = torch.randn(3, 9, 16, requires_grad=True)
+    weights = torch.randn(3, 9, 16)
+
+    def run(pair: bool):
+        sae.zero_grad(set_to_none=True)
+        x.grad = None
+        main, detached = sae.encode_pair(x) if pair else (sae.encode(x), sae.encode(x.detach()))
+        loss = 2 * main.values.sum() + (sae.decode(main) * weights).sum()
+        loss = loss + sae.decode(detached).square().sum()
+        loss.backward()
+        grads = {n: p.grad for n, p in sae.named_parameters() if p.grad is not None}
+        return loss.detach(), x.grad, grads, main, detached
+
+    loss, x_grad, grads, main, detached = run(True)
+    loss_ref, x_grad_ref, grads_ref, main_ref, detached_ref = run(False)
+    assert torch.equal(loss, loss_ref) and torch.equal(x_grad, x_grad_ref)
+    for got, want in ((main, main_ref), (detached, detached_ref)):
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+    assert sorted(grads) == sorted(grads_ref) and {"W_enc", "b_enc", "b_dec"} <= set(grads)
+    for name, grad in grads.items():
+        if chunk_size == 10_000:
+            assert torch.equal(grad, grads_ref[name]), name
+        else:
+            torch.testing.assert_close(grad, grads_ref[name], rtol=1e-5, atol=1e-6)
+    # the detached codes' loss reaches the SAE only
+    sae.zero_grad(set_to_none=True)
+    x.grad = None
+    sae.decode(sae.encode_pair(x)[1]).sum().backward()
+    assert x.grad is None and sae.W_enc.grad is not None
+    with torch.no_grad():
+        first, second = sae.encode_pair(x)
+    assert first is second and torch.equal(first.values, main.values.detach())
