@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 # Wall-clock budget of `make demo` in minutes (`make demo DEMO_MINUTES=1` for a short run).
 DEMO_MINUTES ?= 14
+# Device of `make bench` (`make bench BENCH_DEVICE=cuda` on a GPU).
+BENCH_DEVICE ?= cpu
 
 .PHONY: install test demo bench lint clean
 
@@ -31,7 +33,7 @@ demo: install
 	$(PY) -m modeling_segcompass.cli demo --output-dir demo_output --minutes $(DEMO_MINUTES)
 
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py --device $(BENCH_DEVICE)
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -369,7 +369,13 @@ def run_size(size: str, device: torch.device, repeats: int, batch: int, completi
         f"peak memory: with_mask_loss {memory['with_mask_loss'] / MIB:.1f} MiB, policy_only "
         f"{memory['policy_only'] / MIB:.1f} MiB"
     )
+    mean, low, high = timings.paired_ratio_interval("with_mask_loss", "policy_only")
+    print(
+        f"ratio with_mask_loss/policy_only over {repeats} interleaved rounds: geometric mean "
+        f"{mean:.3f}, 95% interval [{low:.3f}, {high:.3f}]"
+    )
     return {
+        "interval": (mean, low, high),
         "ratio": timings.paired_ratio("with_mask_loss", "policy_only"),
         "cpu": timings.paired_ratio("with_mask_loss", "policy_only", cpu=True),
         "memory": memory["with_mask_loss"] / memory["policy_only"],
@@ -382,7 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--completion-len", type=int, default=128)
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
@@ -401,7 +407,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for size, r in results.items():
         print(
             f"RESULT GRPO step[{size}] time ratio with_mask_loss/policy_only = {r['ratio']:.3f} "
-            f"(cpu time {r['cpu']:.3f}) {verdict(r['ratio'], TARGET_TIME_RATIO, higher_is_better=False)}"
+            f"(95% interval of the paired ratio [{r['interval'][1]:.3f}, {r['interval'][2]:.3f}] "
+            f"over {args.repeats} rounds; cpu time {r['cpu']:.3f}) "
+            f"{verdict(r['ratio'], TARGET_TIME_RATIO, higher_is_better=False)}"
         )
         print(
             f"RESULT GRPO step[{size}] peak memory ratio with_mask_loss/policy_only = "

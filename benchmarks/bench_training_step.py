@@ -393,7 +393,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         )
         for line in timing_lines(timings) + [ratio_line(timings, "straightforward", "optimised")]:
             print(f"{name} {line}")
+        mean, low, high = timings.paired_ratio_interval("straightforward", "optimised")
         results[name] = {
+            "interval": (low, high),
             "speedup": timings.paired_ratio("straightforward", "optimised"),
             "cpu": timings.paired_ratio("straightforward", "optimised", cpu=True),
             "steps_per_s": 1.0 / timings.median("optimised"),
@@ -401,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for name, r in results.items():
         print(
             f"RESULT training step[tiny, {name}, {args.threads} thread(s)] speed-up "
-            f"straightforward/optimised = {r['speedup']:.2f}x (cpu time {r['cpu']:.2f}x), "
+            f"straightforward/optimised = {r['speedup']:.2f}x (95% interval "
+            f"[{r['interval'][0]:.2f}, {r['interval'][1]:.2f}], cpu time {r['cpu']:.2f}x), "
             f"{r['steps_per_s']:.2f} steps/s "
             f"{verdict(r['speedup'], TARGET_SPEEDUP, higher_is_better=True)}"
         )

@@ -18,6 +18,7 @@ Method (docs/performance.md explains it in full):
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import platform
 import statistics
@@ -112,6 +113,24 @@ class Timings:
         table = self._table(cpu)
         pairs = zip(table[numerator], table[denominator], strict=True)
         return statistics.median(a / b for a, b in pairs)
+
+    def paired_ratio_interval(
+        self, numerator: str, denominator: str, *, cpu: bool = False, confidence: float = 0.95
+    ) -> tuple[float, float, float]:
+        """(geometric mean, low, high) of the per-round ratios numerator[r] / denominator[r]
+        with a `confidence` Student-t interval on their logarithm (rounds are independent
+        paired samples; the log makes the interval of a ratio symmetric in both directions).
+        With one round the interval is (ratio, ratio)."""
+        from scipy import stats
+
+        table = self._table(cpu)
+        logs = [math.log(a / b) for a, b in zip(table[numerator], table[denominator], strict=True)]
+        mean = statistics.fmean(logs)
+        if len(logs) < 2:
+            return math.exp(mean), math.exp(mean), math.exp(mean)
+        half = stats.t.ppf(0.5 + confidence / 2, len(logs) - 1) * statistics.stdev(logs)
+        half /= math.sqrt(len(logs))
+        return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def interleaved_timing(

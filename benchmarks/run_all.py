@@ -35,6 +35,9 @@ BENCHMARKS = {
     ),
 }
 
+#: benchmarks of CPU processes only (skipped, with a line saying so, on other devices)
+CPU_ONLY = {"demo_stages"}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -61,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             and not (ROOT / "modeling_segcompass" / "training" / "grpo_trainer.py").exists()
         ):
             line = f"SKIPPED {description}: modeling_segcompass/training/grpo_trainer.py does not exist yet"
+            print(line)
+            summary.append(line)
+            continue
+        if name in CPU_ONLY and args.device != "cpu":
+            line = f"SKIPPED {description}: it measures CPU processes (run it with --device cpu)"
             print(line)
             summary.append(line)
             continue

@@ -7,7 +7,10 @@ a path that computes something else, and that the measuring tools measure what t
 
 from __future__ import annotations
 
+import importlib
+import math
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +100,58 @@ def test_timings_ratios_wall_clock_paired_and_cpu():
     # per-round ratios 0.25, 1.25, 0.02: a burst in one round does not move the median
     assert timings.paired_ratio("fast", "slow") == 0.25
     assert abs(timings.paired_ratio("fast", "slow", cpu=True) - 1 / 3) < 1e-12
+
+
+def test_paired_ratio_interval_is_a_t_interval_on_the_log_ratios():
+    # per-round ratios 2, 2, 2: no spread, the interval is the point
+    same = Timings({"a": [2.0, 4.0, 6.0], "b": [1.0, 2.0, 3.0]}, {"a": [1.0] * 3, "b": [1.0] * 3})
+    assert all(abs(v - 2.0) < 1e-12 for v in same.paired_ratio_interval("a", "b"))
+    # ratios e^0, e^1, e^2: mean log 1, sd 1, t(0.975, 2) = 4.303 -> e^(1 +- 4.303 / sqrt(3))
+    e = math.e
+    spread = Timings({"a": [1.0, e, e * e], "b": [1.0] * 3}, {"a": [1.0] * 3, "b": [1.0] * 3})
+    mean, low, high = spread.paired_ratio_interval("a", "b")
+    half = 4.302652729911275 / math.sqrt(3)
+    assert abs(mean - e) < 1e-9 and abs(low - math.exp(1 - half)) < 1e-6
+    assert abs(high - math.exp(1 + half)) < 1e-6
+    # inverting the ratio inverts the interval; cpu times give their own
+    inv = spread.paired_ratio_interval("b", "a")
+    assert abs(inv[1] * high - 1) < 1e-9 and abs(inv[2] * low - 1) < 1e-9
+    assert spread.paired_ratio_interval("a", "b", cpu=True) == (1.0, 1.0, 1.0)
+    one = Timings({"a": [3.0], "b": [1.0]}, {"a": [1.0], "b": [1.0]})
+    assert all(abs(v - 3.0) < 1e-12 for v in one.paired_ratio_interval("a", "b"))
+
+
+def test_every_benchmark_takes_the_device_and_run_all_passes_it(monkeypatch):
+    """`make bench BENCH_DEVICE=cuda` = `run_all.py --device cuda`: every script parses
+    --device, run_all hands it to each (CPU-process benchmarks say they are skipped), and
+    asking for CUDA where there is none is refused with the fix."""
+    import subprocess
+
+    from benchmarks import harness, run_all
+
+    for name, (script, _) in run_all.BENCHMARKS.items():
+        module = importlib.import_module(f"benchmarks.{script[:-3]}")
+        assert module.parse_args(["--device", "cuda"]).device == "cuda", name
+    launched: list[list[str]] = []
+
+    class FakeProcess:
+        def __init__(self, command, **kwargs):
+            launched.append(command)
+            self.stdout = iter(["RESULT fake\n"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    assert run_all.main(["--device", "cuda"]) == 0
+    ran = {Path(c[1]).name for c in launched}
+    assert ran == {s for n, (s, _) in run_all.BENCHMARKS.items() if n not in run_all.CPU_ONLY}
+    assert all(c[2:4] == ["--device", "cuda"] for c in launched)
+    makefile = (Path(run_all.__file__).parents[1] / "Makefile").read_text()
+    assert "BENCH_DEVICE ?= cpu" in makefile and "--device $(BENCH_DEVICE)" in makefile
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            harness.setup(None, "cuda")
 
 
 def test_peak_memory_counts_simultaneous_tensors_not_the_sum_of_all():
