@@ -85,6 +85,10 @@ class DemoSummary:
             "## Reload of the Hub-ready folder in a fresh process (package hidden)",
             "",
             _reload_lines(self.reload_check),
+            "",
+            "## Training curves (losses and rewards per stage)",
+            "",
+            "![training curves](training_curves.png)",
         ]
         return "\n".join(lines)
 
