@@ -368,10 +368,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         )  # queries: (b*K, 1, T, C); keys: (b*K, 1, E*E, C)
         keys = keys.transpose(2, 3).reshape(prompts, channels, height, width)
         upscaled = decoder.upscale_conv1(keys)
-        # contiguous before the elementwise activations: the channels-first LayerNorm and the
-        # transposed convolution return permuted layouts, on which GELU is several times slower
-        upscaled = decoder.activation(decoder.upscale_layer_norm(upscaled).contiguous())
-        upscaled = decoder.activation(decoder.upscale_conv2(upscaled).contiguous())
+        upscaled = decoder.activation(decoder.upscale_layer_norm(upscaled))
+        upscaled = decoder.activation(decoder.upscale_conv2(upscaled))
         hyper = decoder.output_hypernetworks_mlps[0](queries[:, :, 1, :])  # (b*K, 1, C/8)
         up_channels, mask_height, mask_width = upscaled.shape[1:]
         masks = hyper.unsqueeze(2) @ upscaled.reshape(prompts, 1, up_channels, -1)
