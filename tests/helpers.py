@@ -176,12 +176,21 @@ def launch_two_cpu_processes(script: str, out_dir, timeout_s: int = 240) -> tupl
         "--main_process_port", str(port),
         script, "--worker", str(out_dir),
     ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
-        result = subprocess.run(
-            command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"accelerate launch did not finish within {timeout_s} s:\n{error.stderr}")
-    logs = f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
-    assert result.returncode == 0, logs
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the launcher stop its workers (each runs in a session of its own, so
+        # a SIGKILL of the launcher alone would leave them waiting in a collective).
+        process.terminate()
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        pytest.fail(f"accelerate launch did not finish within {timeout_s} s:\n{stderr[-6000:]}")
+    logs = f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-6000:]}"
+    assert process.returncode == 0, logs
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in (0, 1)], logs
