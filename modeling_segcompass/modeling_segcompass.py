@@ -366,7 +366,9 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             attention_similarity=None,
             target_embedding=None,
         )  # queries: (b*K, 1, T, C); keys: (b*K, 1, E*E, C)
-        keys = keys.transpose(2, 3).reshape(prompts, channels, height, width)
+        # (b*K, C, E, E) as a channels-last view (SAM copies it to NCHW; same values, and the
+        # transposed convolution is faster on this layout)
+        keys = keys.reshape(prompts, height, width, channels).permute(0, 3, 1, 2)
         upscaled = decoder.upscale_conv1(keys)
         upscaled = decoder.activation(decoder.upscale_layer_norm(upscaled))
         upscaled = decoder.activation(decoder.upscale_conv2(upscaled))
