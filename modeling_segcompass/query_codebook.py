@@ -250,30 +250,31 @@ class QueryCodebook(nn.Module):
             outside the chosen pairs.
         """
         batch, length, n = indices.shape
+        pairs = length * n
         dtype = state.dtype
-        rows = self.codebook.to(dtype)[indices]  # (B, L, n, d_q)
-        vals = values.to(dtype)
-        active = (vals != 0) & attention_mask.bool().unsqueeze(-1)  # (B, L, n)
-        keys = self.pair_key(rows * vals.unsqueeze(-1)).reshape(batch, length * n, -1)
-        query = self.pair_query(state)  # (B, K, d_q)
-        scores = torch.einsum("bkd,bpd->bkp", query, keys) * self.codebook_dim**-0.5
-        flat_active = active.reshape(batch, 1, length * n)
-        scores = scores.masked_fill(~flat_active, float("-inf"))
-        m = min(self.readout_pairs, length * n)
+        codebook = self.codebook.to(dtype)
+        flat_idx = indices.reshape(batch, 1, pairs).expand(-1, self.num_slots, -1)  # (B, K, P)
+        vals = values.to(dtype).reshape(batch, 1, pairs)
+        active = (vals != 0) & attention_mask.bool().reshape(batch, 1, length, 1).expand(
+            -1, -1, -1, n
+        ).reshape(batch, 1, pairs)
+        # <pair_query(s), pair_key(a * row_i)> = a * <pair_key^T pair_query(s), row_i>: score
+        # every latent once per slot, then read each pair's score from that table
+        query = self.pair_query(state) @ self.pair_key.weight.to(dtype)  # (B, K, d_q)
+        table = query @ codebook.t()  # (B, K, d_sae)
+        scores = table.gather(-1, flat_idx) * vals * self.codebook_dim**-0.5  # (B, K, P)
+        scores = scores.masked_fill(~active, float("-inf"))
+        m = min(self.readout_pairs, pairs)
         top = scores.topk(m, dim=-1)  # (B, K, m)
         chosen = torch.isfinite(top.values)
         attn = torch.where(chosen, top.values, torch.full_like(top.values, -1e4)).softmax(-1)
         attn = attn * chosen.to(dtype)  # no active pair -> an empty slot
-        coeff = attn * vals.reshape(batch, 1, length * n).expand(-1, self.num_slots, -1).gather(
-            -1, top.indices
-        )  # (B, K, m): weight of codebook row i_p in the slot
-        chosen_rows = rows.reshape(batch, 1, length * n, -1).expand(-1, self.num_slots, -1, -1)
-        chosen_rows = chosen_rows.gather(
-            2, top.indices.unsqueeze(-1).expand(-1, -1, -1, self.codebook_dim)
-        )  # (B, K, m, d_q)
+        # weight of codebook row i_p in the slot
+        coeff = attn * vals.expand(-1, self.num_slots, -1).gather(-1, top.indices)  # (B, K, m)
+        chosen_rows = codebook[flat_idx.gather(-1, top.indices)]  # (B, K, m, d_q)
         read = torch.einsum("bkm,bkmd->bkd", coeff, chosen_rows)
         slots = self.pair_norm(self.pair_out(read))
-        weights = coeff.new_zeros(batch, self.num_slots, length * n)
+        weights = coeff.new_zeros(batch, self.num_slots, pairs)
         weights = weights.scatter(-1, top.indices, coeff).reshape(batch, self.num_slots, length, n)
         return slots, weights
 
