@@ -520,6 +520,120 @@ def _short_label(tokens: list[TopToken]) -> str | None:
     return max(counts, key=lambda name: (counts[name], strength[name]))
 
 
+# --------------------------------------------------------------------------- labels in words
+ATTRIBUTE_FAMILIES = ("colour", "kind", "size", "position", "relation")
+_CELL_ROWS = ("top", "", "bottom")
+_CELL_COLS = ("left", "", "right")
+
+
+@dataclass
+class ConceptWords:
+    """What a latent means, in the attribute words of a world.
+
+    Attributes:
+        latent_id: the latent.
+        attribute: the attribute word that holds at least `min_share` of its top text-token
+            activation (e.g. "red"), or for a purely visual latent the position words of the
+            image cell holding that share of its top patches (e.g. "top left"); None when no
+            word or cell dominates.
+        family: the attribute's family (`ATTRIBUTE_FAMILIES`), None with no attribute.
+        share: the attribute's share of the top activations.
+        words: attribute word -> share of the top text-token activation.
+        cells: image cell (position words, "center" in the middle) -> share of the top patch
+            activation, on a 3 x 3 grid of the patch grid.
+    """
+
+    latent_id: int
+    attribute: str | None
+    family: str | None
+    share: float
+    words: dict[str, float]
+    cells: dict[str, float]
+
+    def describe(self) -> str:
+        """A short phrase: ``colour "red" (92%)``, ``cells top left (80%)`` or the top words."""
+        if self.attribute is not None and self.family is not None:
+            if self.family == "position" and not self.words:
+                return f"cells {self.attribute} ({self.share:.0%})"
+            return f'{self.family} "{self.attribute}" ({self.share:.0%})'
+        mixed = sorted({**self.words, **self.cells}.items(), key=lambda kv: -kv[1])[:2]
+        return "mixed: " + ", ".join(f"{w} {v:.0%}" for w, v in mixed) if mixed else "no attribute"
+
+
+def _cell_words(row: int, col: int, rows: int, cols: int) -> str:
+    name = f"{_CELL_ROWS[min(3 * row // max(rows, 1), 2)]} {_CELL_COLS[min(3 * col // max(cols, 1), 2)]}"
+    return name.strip() or "center"
+
+
+def concepts_in_words(
+    labels: ConceptLabels,
+    vocabulary: Mapping[str, Iterable[str]],
+    *,
+    min_share: float = 0.5,
+    grid: tuple[int, int] | None = None,
+) -> dict[int, ConceptWords]:
+    """Every labelled latent in the attribute words of a world.
+
+    Args:
+        labels: from `build_concept_labels` / `load_concept_labels`.
+        vocabulary: family -> its words, e.g. ``{"colour": ["red", ...], "kind": [...],
+            "size": [...], "position": ["top", "left", ...], "relation": ["above", ...]}``
+            (`synthetic_vocabulary` gives the synthetic world's).
+        min_share: share of the top activations a word (or cell) needs to be the attribute.
+        grid: (rows, cols) of the merged patch grid (default: the largest row / col seen + 1).
+
+    Returns:
+        latent id -> `ConceptWords`. A latent with text tokens among its top activations is
+        named by its words; a purely visual one by its image cells (family "position").
+    """
+    family_of = {w: f for f, words in vocabulary.items() for w in words}
+    if grid is None:
+        patches = [p for c in labels.latents.values() for p in c.top_patches if p.row >= 0]
+        grid = (
+            max((p.row for p in patches), default=0) + 1,
+            max((p.col for p in patches), default=0) + 1,
+        )
+    out: dict[int, ConceptWords] = {}
+    for latent, entry in labels.latents.items():
+        text_total = sum(t.activation for t in entry.top_tokens)
+        words: dict[str, float] = {}
+        for t in entry.top_tokens:
+            if t.token in family_of and text_total > 0:
+                words[t.token] = words.get(t.token, 0.0) + t.activation / text_total
+        patch_total = sum(p.activation for p in entry.top_patches if p.row >= 0)
+        cells: dict[str, float] = {}
+        for p in entry.top_patches:
+            if p.row >= 0 and patch_total > 0:
+                name = _cell_words(p.row, p.col, *grid)
+                cells[name] = cells.get(name, 0.0) + p.activation / patch_total
+        attribute, family, share = None, None, 0.0
+        if entry.top_tokens:
+            best = max(words.items(), key=lambda kv: kv[1], default=(None, 0.0))
+            if best[0] is not None and best[1] >= min_share:
+                attribute, family, share = best[0], family_of[best[0]], best[1]
+        elif cells:
+            best = max(cells.items(), key=lambda kv: kv[1])
+            if best[1] >= min_share:
+                attribute, family, share = best[0], "position", best[1]
+        out[latent] = ConceptWords(latent, attribute, family, share, words, cells)
+    return out
+
+
+def synthetic_vocabulary() -> dict[str, list[str]]:
+    """The attribute words of the synthetic world (`modeling_segcompass.data.synthetic`)."""
+    from ..data.synthetic.config import PALETTE, RELATIONS, SHAPE_KINDS, SIZES
+
+    return {
+        "colour": list(PALETTE),
+        "kind": [*SHAPE_KINDS, *(k + "s" for k in SHAPE_KINDS if k != "cross"), "crosses"],
+        "size": list(SIZES),
+        "position": ["top", "bottom", "left", "right", "center"],
+        "relation": sorted(
+            {w for phrase in RELATIONS.values() for w in phrase.split()} - {"left", "right"}
+        ),
+    }
+
+
 def save_concept_labels(labels: ConceptLabels, folder: str | os.PathLike) -> Path:
     """Write ``concept_labels.json`` into `folder` (e.g. next to a saved model); returns its path."""
     folder = Path(folder)
@@ -549,16 +663,20 @@ def load_concept_labels(folder: str | os.PathLike) -> ConceptLabels:
 
 
 __all__ = [
+    "ATTRIBUTE_FAMILIES",
     "CONCEPT_LABELS_NAME",
     "TOKEN_KINDS",
     "ConceptLabel",
     "ConceptLabels",
+    "ConceptWords",
     "TokenInfo",
     "TopPatch",
     "TopToken",
     "build_concept_labels",
     "compute_concept_codes",
+    "concepts_in_words",
     "describe_tokens",
     "load_concept_labels",
     "save_concept_labels",
+    "synthetic_vocabulary",
 ]
