@@ -381,3 +381,17 @@ def test_read_only_numpy_image_gives_no_warning(setup):
     torch.testing.assert_close(
         out["sam_pixel_values"], processor(rgb_writable, "the red circle")["sam_pixel_values"]
     )
+
+
+def test_all_finite_agrees_with_isfinite_all_wherever_the_bad_value_sits():
+    from modeling_segcompass.input_checks import all_finite
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        base = torch.zeros(4, 5, 6, dtype=dtype).permute(2, 0, 1)  # strided view
+        assert all_finite(base) and all_finite(base[:0])  # empty: nothing is non-finite
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for index in ((0, 0, 0), (3, 2, 4), (5, 3, 1)):
+                value = base.clone()
+                value[index] = bad
+                assert all_finite(value) is False
+                assert bool(torch.isfinite(value).all()) is False
