@@ -11,8 +11,9 @@ tokenizer and slots), two steps:
 
 Each step is timed on this package's code ("optimised") and with the straightforward forms
 of the parts it speeds up swapped in (`straightforward_paths`): SAM's `SamMaskDecoder` called
-as a module on the B*K image embeddings repeated per prompt, and the SAE reconstruction loss
-encoding its input a second time. Before timing, both must give the same loss and the same
+as a module on the B*K image embeddings repeated per prompt, the SAE reconstruction loss
+encoding its input a second time, the input and output checks reading finiteness from an
+element-wise `isfinite` mask. Before timing, both must give the same loss and the same
 gradient for every parameter. `--profile` prints the time per stage of both steps (VLM, SAE
 encode, codebook, slot mapper, SAM, losses and matching, checks, optimizer, the rest),
 forward and backward, from `torch.profiler` (backward operators are attributed to the stage
@@ -51,7 +52,11 @@ from benchmarks.harness import (  # noqa: E402
     timing_lines,
     verdict,
 )
-from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmentation  # noqa: E402
+from modeling_segcompass import (  # noqa: E402
+    SegCompassConfig,
+    SegCompassForReasoningSegmentation,
+    input_checks,
+)
 from modeling_segcompass import modeling_segcompass as modeling_module  # noqa: E402
 from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer  # noqa: E402
 from modeling_segcompass.data.collator import SegCompassCollator  # noqa: E402
@@ -63,6 +68,7 @@ from modeling_segcompass.data.synthetic import (  # noqa: E402
 from modeling_segcompass.processing_segcompass import SegCompassProcessor  # noqa: E402
 
 TARGET_SPEEDUP = 1.5
+_all_finite = input_checks.all_finite
 STEPS = ("warm-up", "grpo")
 
 
@@ -122,16 +128,23 @@ def _encode_then_encode_again(self, sae_input: torch.Tensor):
     return self.encode(sae_input), None
 
 
+def _isfinite_all(value: torch.Tensor) -> bool:
+    """Finiteness from an element-wise mask."""
+    return bool(torch.isfinite(value).all())
+
+
 @contextlib.contextmanager
 def straightforward_paths(model: SegCompassForReasoningSegmentation) -> Iterator[None]:
     """Within the block, `model` runs the straightforward forms of the optimised parts."""
     model.decode_masks = MethodType(_decode_masks_with_sam_module, model)
     model.sae.encode_pair = MethodType(_encode_then_encode_again, model.sae)
+    input_checks.all_finite = _isfinite_all
     try:
         yield
     finally:
         del model.decode_masks  # back to the classes' methods
         del model.sae.encode_pair
+        input_checks.all_finite = _all_finite
 
 
 # --------------------------------------------------------------------------- the steps
