@@ -202,7 +202,7 @@ def op_profile(fn: Callable[[], object], device: torch.device, rows: int = 12) -
     fn()  # warm
     with profile(activities=activities, record_shapes=True) as prof:
         fn()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages(group_by_input_shape=True).table(
         sort_by=sort, row_limit=rows, max_name_column_width=40, max_shapes_column_width=60
     )
