@@ -1,18 +1,22 @@
 """Benchmark 6: the demo's training stages on 2 data-parallel CPU processes vs 1.
 
-Runs the embedded default (`segcompass demo`, a reduced wall budget) with ``--processes 1``
-and ``--processes 2``, interleaved (1, 2, 1, 2, ...), each in a fresh process, and reads
-each run's summary.json: optimiser steps per second of every training stage (VLM pretraining,
-SAE pretraining, supervised warm-up, GRPO) and each process's peak resident memory. Both
-settings use the same global batch (each of the 2 ranks computes half of it), so steps per
-second compare like with like: the target is >= 1.7x for the stages the budget scales with.
+Runs the demo's data, model and training stages (`demo.run.run_training_stages`: the demo's
+own stage functions, batch sizes and settings) with each training stage limited to a fixed
+number of optimiser steps instead of its wall-clock share, on 1 process and on 2 (gloo, 1
+thread each), interleaved (1, 2, 1, 2, ...), each in a fresh process. Each run's summary.json
+gives the optimiser steps per second of every training stage (VLM pretraining, SAE
+pretraining, supervised warm-up, GRPO; setup excluded) and each process's peak resident
+memory. Both settings use the same global batch (each of the 2 ranks computes half of it), so
+steps per second compare like with like: the target is >= 1.7x for the stages the budget
+scales with.
 
-Before any timing counts, the runs must agree: every stage ran, the exported model reloaded
-in a fresh process, and on 2 processes the replicas were bit-identical after GRPO. The load
-average before each run is printed: other work on the machine slows the 2-process runs (which
-need both cores) more than the 1-process ones.
+Before any timing counts, the runs must agree: every stage took its steps, and on 2
+processes the replicas were bit-identical after GRPO. The load average before each run is
+printed: other work on the machine slows the 2-process runs (which need both cores) more
+than the 1-process ones.
 
-    python benchmarks/bench_demo_stages.py [--minutes 3 --repeats 2 --seed 0]
+    python benchmarks/bench_demo_stages.py [--repeats 2 --vlm-steps 60 --sft-steps 30
+                                            --grpo-steps 8 --num-train 2000]
 """
 
 from __future__ import annotations
@@ -36,40 +40,67 @@ TARGET = 1.7
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=float, default=3.0, help="wall budget of each run")
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting")
+    parser.add_argument("--vlm-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=30)
+    parser.add_argument("--grpo-steps", type=int, default=8)
+    parser.add_argument("--num-train", type=int, default=2000, help="training examples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="only cpu (the demo runs on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="ignored: 1 per process")
+    parser.add_argument("--worker", nargs=2, metavar=("PROCESSES", "OUT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def run_once(processes: int, minutes: float, seed: int, out: Path) -> dict:
-    """One demo run in a fresh interpreter; its summary.json plus the load before it."""
+def steps_of(args: argparse.Namespace) -> dict[str, int]:
+    return {
+        "vlm_pretraining": args.vlm_steps,
+        "supervised_warmup": args.sft_steps,
+        "grpo": args.grpo_steps,
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One run (in the fresh process the benchmark starts): the stages, summary.json in OUT."""
+    from modeling_segcompass.demo.run import run_training_stages
+
+    processes, out = int(args.worker[0]), Path(args.worker[1])
+    run_training_stages(
+        out, processes=processes, fixed_steps=steps_of(args), num_train=args.num_train,
+        seed=args.seed,
+    )  # fmt: skip
+
+
+def run_once(args: argparse.Namespace, processes: int, out: Path) -> dict:
+    """One run in a fresh interpreter; its summary.json plus the load before it."""
     load = os.getloadavg()[0]
     command = [
-        sys.executable, "-m", "modeling_segcompass.cli", "demo", "--output-dir", str(out),
-        "--minutes", str(minutes), "--seed", str(seed), "--processes", str(processes),
+        sys.executable, str(Path(__file__).resolve()), "--worker", str(processes), str(out),
+        "--vlm-steps", str(args.vlm_steps), "--sft-steps", str(args.sft_steps),
+        "--grpo-steps", str(args.grpo_steps), "--num-train", str(args.num_train),
+        "--seed", str(args.seed),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"demo on {processes} process(es) failed:\n{result.stderr[-4000:]}")
+        sys.exit(f"the stages on {processes} process(es) failed:\n{result.stderr[-4000:]}")
     summary = json.loads((out / "summary.json").read_text())
     summary["load_before"] = load
     return summary
 
 
-def check_agreement(summary: dict, processes: int) -> None:
-    """Every stage ran, the export reloaded, and the replicas stayed identical."""
+def check_agreement(summary: dict, processes: int, steps: dict[str, int]) -> None:
+    """Every stage took its steps, and the replicas stayed identical."""
     problems = []
     if summary["processes"] != processes:
         problems.append(f"ran on {summary['processes']} processes, not {processes}")
-    missing = [s for s in STAGES if summary["steps_per_s"].get(s, 0) <= 0]
-    if missing:
-        problems.append(f"stages without steps: {missing}")
-    if not summary["reload_check"].get("ok"):
-        problems.append("the exported model did not reload")
+    taken = {
+        "vlm_pretraining": summary["vlm_pretraining"].get("steps"),
+        "supervised_warmup": summary["sft_steps"],
+        "grpo": summary["grpo_steps"],
+    }
+    if taken != steps:
+        problems.append(f"steps taken {taken}, asked {steps}")
     if processes > 1 and summary["replicas_identical"] is not True:
         problems.append("the ranks' parameters differ after GRPO")
     if problems:
@@ -78,6 +109,9 @@ def check_agreement(summary: dict, processes: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
     if args.device != "cpu":
         sys.exit("bench_demo_stages: the demo's data parallelism is on CPU processes (gloo).")
     import torch
@@ -89,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for processes in (1, 2):  # interleaved: the machine's load hits both alike
                 out = Path(tmp, f"p{processes}-r{repeat}")
-                summary = run_once(processes, args.minutes, args.seed, out)
-                check_agreement(summary, processes)
+                summary = run_once(args, processes, out)
+                check_agreement(summary, processes, steps_of(args))
                 runs[processes].append(summary)
                 rates = ", ".join(f"{s} {summary['steps_per_s'][s]:.2f}" for s in STAGES)
                 print(
@@ -99,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{summary['peak_memory_mb']}; wall {summary['wall_time_s']:.0f} s",
                     flush=True,
                 )
-    print("agreement: every run trained every stage and reloaded; 2-process replicas identical")
+    print("agreement: every run took every stage's steps; 2-process replicas identical")
+    torch.set_num_threads(1)  # what each run's processes use
     print(machine_summary(torch.device("cpu")))
     results = []
     for stage in STAGES:

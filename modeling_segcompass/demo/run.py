@@ -75,6 +75,9 @@ class DemoState:
         config_overrides: fields of `SegCompassConfig.tiny` the run changes.
         rank, world_size: this process's rank and the number of processes (1: no
             torch.distributed); the training stages split each batch over the ranks.
+        fixed_steps: training stage -> optimiser steps, instead of its deadline (the stage
+            benchmark times the same steps on 1 and 2 processes); num_train: training
+            examples (default 6000, 200 quick).
     """
 
     out: Path
@@ -102,6 +105,8 @@ class DemoState:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    fixed_steps: dict[str, int] = field(default_factory=dict)
+    num_train: int | None = None
 
     @property
     def main(self) -> bool:
@@ -119,8 +124,15 @@ class DemoState:
         return self.minutes * 60.0
 
     def deadline(self, stage: str) -> float:
-        """When the training stage ``stage`` must end (`STAGE_ENDS`), as a time.time()."""
+        """When the training stage ``stage`` must end (`STAGE_ENDS`), as a time.time(); none
+        (far ahead) under `fixed_steps`."""
+        if self.fixed_steps:
+            return self.start + 1e9
         return self.start + STAGE_ENDS[stage] * self.budget
+
+    def max_steps(self, stage: str, quick: int, default: int) -> int:
+        """The stage's step limit: `fixed_steps`, else ``quick`` / ``default``."""
+        return self.fixed_steps.get(stage) or (quick if self.quick else default)
 
     def steps_bar(self, description: str, total: int) -> Any:
         """A progress bar over the ``total`` parts of a stage that is not a training loop."""
@@ -148,7 +160,7 @@ def _prepare_data(state: DemoState) -> None:
     )
     from ..processing_segcompass import SegCompassProcessor
 
-    num_train = 200 if state.quick else 6000
+    num_train = state.num_train or (200 if state.quick else 6000)
     per_family_held_out = 2 if state.quick else 40
     bar = state.steps_bar("data and tokenizer", 3)
     state.world = world = SyntheticWorldConfig(seed=state.seed, cot_style=state.cot_style)
@@ -210,7 +222,7 @@ def _pretrain_vlm(state: DemoState) -> None:
         state.model,
         [describe_example(ex, state.world) for ex in state.train],
         state.processor,
-        max_steps=3 if quick else 1_000_000,  # the deadline stops it
+        max_steps=state.max_steps("vlm_pretraining", 3, 1_000_000),  # the deadline stops it
         deadline=None if quick else state.deadline("vlm_pretraining"),
         learning_rate=3e-3,
         warmup_steps=1 if quick else 100,
@@ -274,7 +286,8 @@ def _supervised_warmup(state: DemoState) -> None:
     deadline = state.deadline("supervised_warmup")
     args = sft_training_arguments(
         str(state.out / "sft"),
-        max_steps=3 if quick else 1_000_000,  # the deadline stops it; the schedule runs on time
+        # the deadline stops it; the schedule runs on time
+        max_steps=state.max_steps("supervised_warmup", 3, 1_000_000),
         per_device_train_batch_size=state.rank_batch_size,
         learning_rate=3e-3,
         weight_decay=0.01,
@@ -356,7 +369,7 @@ def _train_grpo(state: DemoState) -> None:
     rows = build_grpo_dataset(state.train[: 64 if quick else 2000], state.processor)
     args = SegCompassGRPOConfig(
         output_dir=str(state.out / "grpo"),
-        max_steps=1 if quick else 10_000,
+        max_steps=state.max_steps("grpo", 1, 10_000),
         # the global batch (completions per step) is 8 / 32 whatever the number of ranks
         per_device_train_batch_size=(8 if quick else 32) // state.world_size,
         num_generations=4 if quick else 8,
@@ -579,9 +592,12 @@ def _run_rank(
     cot_style: str,
     config_overrides: dict[str, Any],
     start: float,
+    fixed_steps: dict[str, int] | None = None,
+    num_train: int | None = None,
 ) -> DemoSummary:
     """The stages on one rank of ``world_size`` (rank 0 alone runs the ones after GRPO and
-    writes the summary)."""
+    writes the summary). With `fixed_steps` only the training stages run, each for its
+    steps (`run_training_stages`)."""
     from transformers import set_seed
 
     out = Path(output_dir)
@@ -608,15 +624,23 @@ def _run_rank(
         config_overrides=config_overrides,
         rank=rank,
         world_size=world_size,
+        fixed_steps=dict(fixed_steps or {}),
+        num_train=num_train,
     )
     for stage, name in STAGES:
-        if not state.main and name in MAIN_ONLY:
+        if name in MAIN_ONLY and not state.main:
+            continue
+        if state.fixed_steps and name in MAIN_ONLY | {"eval_warmup"}:
             continue
         stage(state)
         if name is not None:
             state.stage_done(name)
     summary = state.summary
     if not state.main:
+        return summary
+    if state.fixed_steps:
+        summary.wall_time_s = round(time.time() - start, 1)
+        write_summary(summary, out)
         return summary
     _remove_empty_folders(out)
     summary.files = {
@@ -635,4 +659,42 @@ def _run_rank(
     return summary
 
 
-__all__ = ["MAIN_ONLY", "STAGES", "STAGE_ENDS", "DemoState", "DemoSummary", "run_demo"]
+def run_training_stages(
+    output_dir: str | Path,
+    *,
+    processes: int,
+    fixed_steps: dict[str, int],
+    num_train: int = 6000,
+    seed: int = 0,
+) -> DemoSummary:
+    """The demo's data, model and training stages only, each training stage for
+    ``fixed_steps[stage]`` optimiser steps (no deadline) on ``processes`` processes, with the
+    demo's batch sizes and settings: what `benchmarks/bench_demo_stages.py` times. Rank 0
+    writes summary.json (steps per second per stage, peak memory per process)."""
+    settings = {
+        "output_dir": str(output_dir),
+        "minutes": 14.0,
+        "seed": seed,
+        "quick": False,
+        "threads": 1,
+        "cot_style": "scene_first",
+        "config_overrides": {},
+        "start": time.time(),
+        "fixed_steps": dict(fixed_steps),
+        "num_train": num_train,
+    }
+    if processes == 1:
+        return _run_rank(rank=0, world_size=1, **settings)
+    launch(processes, _run_rank, **settings)
+    return DemoSummary(**json.loads((Path(output_dir) / "summary.json").read_text()))
+
+
+__all__ = [
+    "MAIN_ONLY",
+    "STAGES",
+    "STAGE_ENDS",
+    "DemoState",
+    "DemoSummary",
+    "run_demo",
+    "run_training_stages",
+]
