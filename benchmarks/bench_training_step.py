@@ -13,7 +13,8 @@ Each step is timed on this package's code ("optimised") and with the straightfor
 of the parts it speeds up swapped in (`straightforward_paths`): SAM's `SamMaskDecoder` called
 as a module on the B*K image embeddings repeated per prompt, the SAE reconstruction loss
 encoding its input a second time, the input and output checks reading finiteness from an
-element-wise `isfinite` mask. Before timing, both must give the same loss and the same
+element-wise `isfinite` mask, the image encoder run on every row of a GRPO batch (each
+prompt's image once per completion) instead of once per distinct image. Before timing, both must give the same loss and the same
 gradient for every parameter. `--profile` prints the time per stage of both steps (VLM, SAE
 encode, codebook, slot mapper, SAM, losses and matching, checks, optimizer, the rest),
 forward and backward, from `torch.profiler` (backward operators are attributed to the stage
@@ -133,17 +134,25 @@ def _isfinite_all(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value).all())
 
 
+def _encode_every_row(self, sam_pixel_values, deduplicate=None):
+    """Every row of the batch through the image encoder, repeated images included (a GRPO
+    batch holds each prompt's image once per completion)."""
+    return type(self).encode_image(self, sam_pixel_values, deduplicate=False)
+
+
 @contextlib.contextmanager
 def straightforward_paths(model: SegCompassForReasoningSegmentation) -> Iterator[None]:
     """Within the block, `model` runs the straightforward forms of the optimised parts."""
     model.decode_masks = MethodType(_decode_masks_with_sam_module, model)
     model.sae.encode_pair = MethodType(_encode_then_encode_again, model.sae)
+    model.encode_image = MethodType(_encode_every_row, model)
     input_checks.all_finite = _isfinite_all
     try:
         yield
     finally:
         del model.decode_masks  # back to the classes' methods
         del model.sae.encode_pair
+        del model.encode_image
         input_checks.all_finite = _all_finite
 
 

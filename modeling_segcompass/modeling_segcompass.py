@@ -273,8 +273,34 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         encoding = pe(torch.stack([x_embed, y_embed], dim=-1))  # (E, E, C)
         return encoding.permute(2, 0, 1).unsqueeze(0)
 
-    def encode_image(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
-        """SAM-frame pixels (B, 3, S, S) -> image embedding (B, C, E, E)."""
+    def encode_image(
+        self, sam_pixel_values: torch.Tensor, *, deduplicate: bool | None = None
+    ) -> torch.Tensor:
+        """SAM-frame pixels (B, 3, S, S) -> image embedding (B, C, E, E).
+
+        With `deduplicate` (default: while gradients are recorded, i.e. in a training step)
+        identical images in the batch are encoded once and their embedding shared: a GRPO
+        batch holds each prompt's image once per generation. The image encoders work on each
+        image alone (no batch statistics), so the embeddings are those of encoding every row
+        and the encoder's gradient is the sum over the copies (with SAM's attention dropout
+        set above 0, the copies share one dropout draw). Finding the
+        duplicates reads the pixels (one device synchronisation on a GPU), which is why
+        inference, where batches rarely repeat an image, does not do it.
+        """
+        if deduplicate is None:
+            deduplicate = torch.is_grad_enabled()
+        batch = sam_pixel_values.shape[0]
+        if deduplicate and batch > 1:
+            distinct, inverse = torch.unique(
+                sam_pixel_values.reshape(batch, -1), dim=0, return_inverse=True
+            )
+            if distinct.shape[0] < batch:
+                shape = (distinct.shape[0], *sam_pixel_values.shape[1:])
+                return self._run_image_encoder(distinct.reshape(shape))[inverse]
+        return self._run_image_encoder(sam_pixel_values)
+
+    def _run_image_encoder(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image encoder on (B, 3, S, S) SAM-frame pixels, in its own precision."""
         if self.image_encoder is None:
             raise ValueError(
                 "SegCompass: this model has image_encoder_type='none', so pass precomputed "

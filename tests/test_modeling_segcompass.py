@@ -107,6 +107,42 @@ def test_precomputed_image_embeddings_match_encoder_path():
     torch.testing.assert_close(full.mask_logits, pre.mask_logits)
 
 
+def test_a_training_step_encodes_each_distinct_image_once_with_the_same_numbers():
+    """A GRPO batch repeats each prompt's image per generation: encoded once, shared."""
+    model = build_tiny_model().train()
+    batch = make_batch(model.config, [3, 3, 3, 3], with_targets=True, num_objects=[2, 1, 1, 0])
+    pixels = batch["sam_pixel_values"]
+    batch["sam_pixel_values"] = pixels[[0, 1, 0, 1]]  # two images, each twice, interleaved
+    seen = []
+    handle = model.image_encoder.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+
+    def step(deduplicate):
+        model.zero_grad(set_to_none=True)
+        original = model.encode_image
+        model.encode_image = lambda x, **_: original(x, deduplicate=deduplicate)
+        try:
+            out = model(**batch)
+        finally:
+            del model.encode_image
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    shared, shared_grads = step(None)  # the default while gradients are recorded
+    assert seen == [2]  # two distinct images encoded once each
+    each, each_grads = step(False)
+    assert seen == [2, 4]
+    handle.remove()
+    torch.testing.assert_close(shared.loss, each.loss)
+    torch.testing.assert_close(shared.mask_logits, each.mask_logits)
+    assert shared_grads.keys() == each_grads.keys()
+    for name in shared_grads:  # the encoder's gradient sums the copies in another order
+        torch.testing.assert_close(shared_grads[name], each_grads[name], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # inference reads no pixels to look for duplicates
+        model.encode_image(batch["sam_pixel_values"])
+    assert seen == [2, 4]
+
+
 def test_losses_with_targets_and_weights_from_config():
     model = build_tiny_model().train()
     batch = make_batch(model.config, [3, 3, 3], with_targets=True, num_objects=[2, 1, 0])
