@@ -57,6 +57,7 @@ def measure(name: str, seed: int, folder: Path, args: argparse.Namespace) -> dic
         random_draws=args.random_draws,
         seed=seed,
         method=args.method,
+        orders=args.orders,
     )
     result = {
         "name": name,
@@ -73,43 +74,56 @@ def measure(name: str, seed: int, folder: Path, args: argparse.Namespace) -> dic
     return result
 
 
-def row_values(r: dict) -> dict[str, float]:
+def row_values(r: dict, purity_order: str) -> dict[str, float]:
     fam = r["families"]
     alls = fam["all"]
     out = {
         "e2e": r["end_to_end_gIoU"],
         "oracle": r["oracle_cot_gIoU"],
-        "top8": alls["change_at_8"]["attribution"],
-        "top8_weight": alls["change_at_8"]["weight"],
-        "rand8": alls["change_at_8"]["random"],
-        "area": alls["area"]["attribution"],
-        "area_random": alls["area"]["random"],
-        "ratio": alls["area_ratio"]["attribution"],
         "slots": alls["num_slots"],
+        "rand8": alls["change_at_8"]["random"],
+        "area_random": alls["area"]["random"],
+        "all_concepts": alls.get("all_concepts_removed", float("nan")),
+        "no_text": alls.get("no_text", float("nan")),
     }
+    for order in ("attribution", "greedy", "weight"):
+        nan = float("nan")
+        out[f"top8_{order}"] = alls["change_at_8"].get(order, nan)
+        out[f"area_{order}"] = alls["area"].get(order, nan)
+        out[f"ratio_{order}"] = alls["area_ratio"].get(order, nan)
     for f in FAMILIES_FOR_PURITY:
-        out[f"purity_{f}"] = fam[f]["purity"]["attribution"] if f in fam else float("nan")
+        out[f"purity_{f}"] = fam[f]["purity"][purity_order] if f in fam else float("nan")
     return out
 
 
-HEADER = (
-    "| readout | seeds | end-to-end gIoU | oracle-CoT gIoU | top-8 removed (1 - IoU) | "
-    "top-8 by raw weight | 8 random | deletion area | random area | ratio | purity attribute "
-    "| purity relation | purity superlative | slots |"
+COLUMNS = (
+    ("end-to-end gIoU", "e2e", "{:.3f}"),
+    ("oracle-CoT gIoU", "oracle", "{:.3f}"),
+    ("every concept removed (1 - IoU)", "all_concepts", "{:.3f}"),
+    ("concepts and REF states removed", "no_text", "{:.3f}"),
+    ("top-8 removed, greedy", "top8_greedy", "{:.3f}"),
+    ("top-8 removed, raw weight", "top8_weight", "{:.3f}"),
+    ("8 random removed", "rand8", "{:.4f}"),
+    ("deletion area, greedy", "area_greedy", "{:.3f}"),
+    ("deletion area, raw weight", "area_weight", "{:.3f}"),
+    ("deletion area, random", "area_random", "{:.4f}"),
+    ("area ratio, greedy / random", "ratio_greedy", "{:.0f}"),
+    ("purity attribute", "purity_attribute", "{:.2f}"),
+    ("purity relation", "purity_relation", "{:.2f}"),
+    ("purity superlative", "purity_superlative", "{:.2f}"),
 )
+HEADER = "| readout | seeds | " + " | ".join(c[0] for c in COLUMNS) + " | slots |"
 
 
 def format_row(label: str, values: list[dict[str, float]], seeds: str) -> str:
-    def cell(key: str, fmt: str = "{:.3f}") -> str:
+    def cell(key: str, fmt: str) -> str:
         data = [v[key] for v in values]
         mean = float(np.nanmean(data))
         if len(data) > 1:
             return (fmt + " ± " + fmt).format(mean, float(np.nanstd(data)))
         return fmt.format(mean)
 
-    keys = ["e2e", "oracle", "top8", "top8_weight", "rand8", "area", "area_random"]
-    cells = [cell(k) for k in keys] + [cell("ratio", "{:.1f}")]
-    cells += [cell(f"purity_{f}", "{:.2f}") for f in FAMILIES_FOR_PURITY]
+    cells = [cell(key, fmt) for _, key, fmt in COLUMNS]
     cells.append(str(int(sum(v["slots"] for v in values))))
     return f"| {label} | {seeds} | " + " | ".join(cells) + " |"
 
@@ -126,7 +140,9 @@ def plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=90)
     for (name, curves), colour in zip(groups.items(), ("tab:blue", "tab:orange", "tab:green")):
         ks = np.arange(1, len(curves[0]["attribution"]) + 1)
-        for order, style in (("attribution", "-"), ("random", ":")):
+        for order, style in (("weight", "-"), ("greedy", "--"), ("random", ":")):
+            if order not in curves[0]:
+                continue
             mean = np.mean([c[order] for c in curves], axis=0)
             ax.plot(ks, mean, style, color=colour, label=f"{name}, {order} order")
     ax.set_xlabel("concepts removed (k)")
@@ -140,33 +156,48 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", required=True, help="NAME:SEED:DIR")
-    parser.add_argument("--per-family", type=int, default=10)
-    parser.add_argument("--random-draws", type=int, default=3)
+    parser.add_argument("--run", action="append", default=[], help="NAME:SEED:DIR")
+    parser.add_argument("--per-family", type=int, default=6)
+    parser.add_argument("--random-draws", type=int, default=2)
     parser.add_argument("--cot-style", default="scene_first")
     parser.add_argument(
         "--method", default="occlusion", choices=["occlusion", "integrated_gradients"]
     )
     parser.add_argument("--out", type=Path, default=Path("faithfulness.json"))
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument(
+        "--orders", nargs="+", default=["greedy", "weight"],
+        choices=["greedy", "weight", "attribution"],
+        help="explained orders: greedy gradient re-attribution, raw slot weight, integrated "
+        "gradients (attribution)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--purity-order", default="weight", choices=["greedy", "attribution", "weight"],
+        help="the order whose first 8 concepts the purity columns score",
+    )  # fmt: skip
+    parser.add_argument(
+        "--from-json", type=Path, nargs="*", default=None,
+        help="print the table of earlier --out files instead of measuring",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
-    results = []
+    results = [r for path in args.from_json or [] for r in json.loads(path.read_text())]
     for spec in args.run:
         name, seed, folder = spec.split(":", 2)
         results.append(measure(name, int(seed), Path(folder), args))
         args.out.write_text(json.dumps(results, indent=1))
     print(HEADER)
-    print("|" + "---|" * 15)
+    print("|" + "---|" * (len(COLUMNS) + 3))
     groups = defaultdict(list)
     for r in results:
         groups[r["name"]].append(r)
     for name, runs in groups.items():
         seeds = ",".join(str(r["seed"]) for r in runs)
-        print(format_row(name, [row_values(r) for r in runs], seeds))
+        print(format_row(name, [row_values(r, args.purity_order) for r in runs], seeds))
     for r in results:
-        print(format_row(f"{r['name']} seed {r['seed']}", [row_values(r)], str(r["seed"])))
+        values = [row_values(r, args.purity_order)]
+        print(format_row(f"{r['name']} seed {r['seed']}", values, str(r["seed"])))
     if args.plot is not None:
         plot(results, args.plot)
 

@@ -2,7 +2,9 @@
 
 For each slot: its top SAE concepts (latent id, weight in the slot, label, the tokens they
 fired on with their activations), the heatmap, the mask and the confidence, as dataclasses
-with ``to_dict()`` for JSON. A slot's weight on a latent is `trace.slot_concept_totals`.
+with ``to_dict()`` for JSON and ``to_text()`` for people. A slot's weight on a latent is
+`trace.slot_concept_totals`; with ``rank_by="attribution"`` the concepts are ranked by how
+much of the slot's mask they carry (`attribution.attribute_pairs`) instead.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling_segcompass import SegCompassOutput
-from .labels import ConceptLabels, TokenInfo, describe_tokens
+from .attribution import attribute_pairs
+from .labels import ConceptLabels, ConceptWords, TokenInfo, describe_tokens
 from .trace import _active_latents, _check_inputs, _forward, slot_concept_totals
 
 
@@ -52,6 +55,9 @@ class ConceptContribution:
         label: its name from the concept labels (None without labels or when unknown).
         num_tokens: tokens of this sequence on which it fired.
         tokens: the tokens that fed the slot most through this concept, strongest first.
+        words: the concept in attribute words (`labels.ConceptWords.describe`), None without
+            ``words``.
+        attribution: its share of the slot's mask score (``rank_by="attribution"``), else None.
     """
 
     latent_id: int
@@ -60,6 +66,8 @@ class ConceptContribution:
     label: str | None
     num_tokens: int
     tokens: list[TokenActivation] = field(default_factory=list)
+    words: str | None = None
+    attribution: float | None = None
 
 
 @dataclass
@@ -132,6 +140,26 @@ class ImageExplanation:
     def kept_slots(self) -> list[SlotExplanation]:
         return [s for s in self.slots if s.kept]
 
+    def to_text(self) -> str:
+        """The trace for people: per slot, its concepts in words with their tokens."""
+        lines = [f"image {self.index}: {self.prompt or ''}".rstrip()]
+        if self.cot:
+            lines.append(f"  reasoning: {self.cot}")
+        for slot in self.slots:
+            state = "kept" if slot.kept else "dropped"
+            lines.append(
+                f"  slot {slot.slot} ({state}, confidence {slot.confidence:.2f}, "
+                f"mask {slot.mask_area} px):"
+            )
+            for c in slot.concepts:
+                meaning = c.words or (f'"{c.label}"' if c.label else "unlabelled")
+                carried = "" if c.attribution is None else f", carries {c.attribution:+.3f}"
+                fired = ", ".join(t.token for t in c.tokens)
+                lines.append(
+                    f"    #{c.latent_id} {meaning} (weight {c.weight:.3f}{carried}; on {fired})"
+                )
+        return "\n".join(lines)
+
     def to_dict(self, include_maps: bool = False) -> dict[str, Any]:
         """JSON-ready dict (maps omitted unless `include_maps`; the concept trace stays)."""
         return {
@@ -188,6 +216,8 @@ def explain(
     tokens_per_concept: int = 3,
     confidence_threshold: float | None = None,
     mask_threshold: float | None = None,
+    words: Mapping[int, ConceptWords] | None = None,
+    rank_by: str = "weight",
 ) -> list[ImageExplanation]:
     """Per image and slot: top concepts with their tokens, heatmap, mask and confidence.
 
@@ -204,11 +234,18 @@ def explain(
         confidence_threshold: slot kept when its confidence logit is >= this (default
             ``config.slot_confidence_threshold``); mask_threshold: foreground logit
             (default ``config.mask_threshold``).
+        words: latent -> `labels.ConceptWords` (`labels.concepts_in_words`): each concept is
+            also described in attribute words.
+        rank_by: "weight" (the slot's raw weight, attention x activation) or "attribution"
+            (the concept's share of the slot's mask, integrated gradients; slots without a
+            mask keep the weight order).
 
     Returns:
         One `ImageExplanation` per row of the batch.
     """
     _check_inputs(inputs, "explain")
+    if rank_by not in ("weight", "attribution"):
+        raise ValueError(f"explain: rank_by must be 'weight' or 'attribution', got {rank_by!r}.")
     if top_n < 1 or tokens_per_concept < 0:
         raise ValueError(
             f"explain: expected top_n >= 1 and tokens_per_concept >= 0, got {top_n} and "
@@ -222,6 +259,14 @@ def explain(
     )
     fg_threshold = config.mask_threshold if mask_threshold is None else mask_threshold
     output = output if output is not None else _forward(model, inputs)
+    attributed: dict[tuple[int, int], torch.Tensor] = {}
+    if rank_by == "attribution":
+        nonempty = (output.mask_logits.detach().cpu() > fg_threshold).flatten(2).any(-1)
+        slots_with_mask = [(int(b), int(k)) for b, k in nonempty.nonzero().tolist()]
+        if slots_with_mask:
+            with torch.enable_grad():
+                result = attribute_pairs(model, inputs, output, slots=slots_with_mask)
+            attributed = dict(zip(result.slots, result.concepts))
     input_ids = inputs["input_ids"].cpu()
     batch, length = input_ids.shape
     if output.concept_indices.shape[:2] != (batch, length):
@@ -272,12 +317,12 @@ def explain(
         for k in range(config.num_slots):
             totals = slot_concept_totals(output, b, k, model.config.d_sae)
             total = float(totals.sum())
-            count = min(top_n, int((totals > 0).sum()))
-            top = totals.topk(count) if count else None
+            order = attributed.get((b, k), totals)
+            count = min(top_n, int((order > 0).sum()))
+            top = order.topk(count) if count else None
             concepts = []
-            for latent, weight in zip(
-                top.indices.tolist() if top else [], top.values.tolist() if top else []
-            ):
+            for latent in top.indices.tolist() if top else []:
+                weight = float(totals[latent])
                 hit = (indices[b] == latent) & (values[b] > 0)  # (L, n)
                 positions, slots_j = hit.nonzero(as_tuple=True)
                 per_token = weights[b, k][positions, slots_j]
@@ -301,6 +346,10 @@ def explain(
                         label=concept_labels.label(latent) if concept_labels is not None else None,
                         num_tokens=int(positions.numel()),
                         tokens=tokens,
+                        words=words[latent].describe() if words and latent in words else None,
+                        attribution=float(attributed[(b, k)][latent])
+                        if (b, k) in attributed
+                        else None,
                     )
                 )
             has_ref = bool(ref_mask[b, k])

@@ -65,10 +65,17 @@ def test_the_explained_deletion_curve_falls_faster_than_random(mask_world, held_
     model, _ = mask_world
     inputs, output = held_out
     effects = occlusion_effects(model, inputs, output)
-    curves = deletion_curves(model, inputs, output, attribution=effects, max_k=4, random_draws=3)
+    curves = deletion_curves(
+        model, inputs, output, attribution=effects, max_k=4, random_draws=3,
+        orders=("attribution", "greedy", "weight"),
+    )  # fmt: skip
     assert curves.random.shape == (8, 3, 4) and curves.orders["attribution"].shape == (8, 4)
     assert curves.area("attribution") > 0.3
-    assert curves.area("attribution") > 5 * curves.area("random")
+    for order in ("attribution", "greedy", "weight"):
+        assert curves.area(order) > 5 * curves.area("random"), order
+    # this world's mask is a step function of the planted concept (hand-set gains): gradients
+    # taken at the actual codes see little of the step, so the removal-based order leads
+    assert curves.area("attribution") >= curves.area("greedy")
     # the curve never starts above the unedited mask and stays a valid IoU
     assert ((curves.orders["attribution"] >= 0) & (curves.orders["attribution"] <= 1)).all()
     summary = curves.to_dict()

@@ -79,3 +79,32 @@ def test_explain_maps_come_back_at_the_original_size(world):
     assert explanation.slots[0].heatmap.shape == (48, 80)
     heat = explanation.slots[0].heatmap
     assert float(heat.min()) >= 0 and float(heat.max()) <= 1
+
+
+def test_explain_ranks_by_attribution_and_prints_concepts_in_words(world, mask_world):
+    from modeling_segcompass.interpret.labels import build_concept_labels, concepts_in_words
+
+    _, _, tokenizer, _, _ = world
+    model, batch = mask_world
+    rng = np.random.default_rng(10)
+    labels = build_concept_labels(
+        model, [batch([scene(rng, t % 2) for t in range(4)]) for _ in range(2)], tokenizer, top_k=3
+    )
+    words = concepts_in_words(labels, {"position": list(WORDS)})
+    inputs = batch([scene(np.random.default_rng(s), 1) for s in (3, 4)])
+    (first, second) = explain(
+        model, inputs, tokenizer=tokenizer, words=words, rank_by="attribution", top_n=4
+    )
+    for explanation in (first, second):
+        (slot,) = explanation.slots
+        carried = [c.attribution for c in slot.concepts]
+        assert all(v is not None for v in carried) and carried == sorted(carried, reverse=True)
+        assert slot.mask_area > 0
+    text = first.to_text()
+    assert "slot 0" in text and "carries" in text
+    by_weight = explain(model, inputs, tokenizer=tokenizer, words=words, top_n=4)[0]
+    assert by_weight.slots[0].concepts[0].latent_id == RIGHT
+    assert by_weight.slots[0].concepts[0].words == 'position "right" (100%)'
+    assert 'position "right"' in by_weight.to_text()
+    with pytest.raises(ValueError, match="rank_by"):
+        explain(model, inputs, tokenizer=tokenizer, rank_by="size")
