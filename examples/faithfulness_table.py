@@ -139,7 +139,7 @@ def plot(results: list[dict], path: Path) -> None:
         groups[r["name"]].append(r["families"]["all"]["mean_iou"])
     fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=90)
     for (name, curves), colour in zip(groups.items(), ("tab:blue", "tab:orange", "tab:green")):
-        ks = np.arange(1, len(curves[0]["attribution"]) + 1)
+        ks = np.arange(1, len(curves[0]["random"]) + 1)
         for order, style in (("weight", "-"), ("greedy", "--"), ("random", ":")):
             if order not in curves[0]:
                 continue
