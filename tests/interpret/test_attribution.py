@@ -128,3 +128,39 @@ def test_target_words_of_a_synthetic_row_and_visual_concepts():
     position = sorted(target & set(vocabulary["position"]))
     cell = ConceptWords(0, " ".join(position), "position", 0.9, {}, {" ".join(position): 0.9})
     assert concept_matches(cell, target)
+
+
+def test_faithfulness_study_reports_per_family_and_the_text_bounds(world, mask_world):
+    from modeling_segcompass.interpret.faithfulness import faithfulness_study
+
+    _, processor, tokenizer, _, _ = world
+    model, batch = mask_world
+    rng = np.random.default_rng(10)
+    labels = build_concept_labels(
+        model, [batch([scene(rng, t % 2) for t in range(4)]) for _ in range(2)], tokenizer, top_k=3
+    )
+    words = concepts_in_words(labels, {"position": ["left", "right"]})
+    rows = []
+    for s, side in enumerate((0, 1) * 3):
+        image, instruction, response, masks = scene(np.random.default_rng(300 + s), side)
+        rows.append(
+            {"image": image, "instruction": instruction, "response": response,
+             "masks": masks, "side": ("left", "right")[side]}
+        )  # fmt: skip
+    study = faithfulness_study(
+        model, rows, processor, words=words,
+        target_words=lambda row, j: {row["side"]}, family=lambda row: row["side"],
+        orders=("greedy", "weight"), k=2, max_k=4, random_draws=2, batch_size=4,
+    )  # fmt: skip
+    assert set(study.families) == {"all", "left", "right"}
+    right = study.families["right"]
+    assert right.num_slots == 3
+    # on "right" images the named concept carries the mask; random ones do not
+    assert right.change_at_k["weight"] > 0.5 > right.change_at_k["random"]
+    assert right.all_concepts_removed > 0.5 and right.no_text >= right.all_concepts_removed - 1e-6
+    # its first concepts include the planted word, whose label names the target's side
+    assert right.purity["weight"] > 0
+    data = study.to_dict()
+    assert data["families"]["right"]["change_at_2"]["weight"] == right.change_at_k["weight"]
+    with pytest.raises(ValueError, match="k <= max_k"):
+        faithfulness_study(model, rows, processor, k=5, max_k=4)
