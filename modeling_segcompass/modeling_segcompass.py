@@ -45,6 +45,7 @@ from .losses import (
     sae_reconstruction_loss,
     segmentation_loss_from_config,
 )
+from .mask_decoding import decode_single_masks
 from .precision import cast_to_dtype, floating_dtype
 from .query_codebook import QueryCodebook
 from .slot_mapper import SlotMapper, UpstreamSlotMapper
@@ -363,12 +364,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
     def _decode_mask_group(
         self, dense: torch.Tensor, image_embeddings: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SAM's mask decoder on the b*K prompts of b images, single-mask output.
-
-        transformers' `SamMaskDecoder.forward(multimask_output=False)` with its sub-modules,
-        less its copies and dropped outputs: the image is broadcast into the per-prompt sum
-        (not repeated K times first), the positional encoding is a view (not b*K copies), and
-        only the first mask's hypernetwork and product run (it computes four, keeps one).
+        """SAM's mask decoder on the b*K prompts of b images, single-mask output
+        (`mask_decoding.decode_single_masks`).
 
         Args:
             dense: (b, K, C, E, E) dense prompt embeddings (the prompt encoder's output).
@@ -376,36 +373,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         Returns:
             mask logits (b, K, M, M) and predicted IoU (b, K).
         """
-        decoder = self.mask_decoder
-        batch, num_slots, channels, height, width = dense.shape
-        prompts = batch * num_slots
-        # prompt + image embedding (SAM's first step): the one (b*K, C, E, E) tensor needed
-        keys = (image_embeddings.unsqueeze(1) + dense).reshape(prompts, channels, height, width)
-        positional = self.image_positional_embeddings().to(keys.dtype)
-        positional = positional.expand(prompts, -1, -1, -1)
-        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = tokens.repeat(prompts, 1, 1, 1)  # (b*K, 1, T, C), as SamMaskDecoder builds them
-        queries, keys = decoder.transformer(
-            point_embeddings=tokens,
-            image_embeddings=keys,
-            image_positional_embeddings=positional,
-            attention_similarity=None,
-            target_embedding=None,
-        )  # queries: (b*K, 1, T, C); keys: (b*K, 1, E*E, C)
-        # (b*K, C, E, E) as a channels-last view (SAM copies it to NCHW; same values, and the
-        # transposed convolution is faster on this layout)
-        keys = keys.reshape(prompts, height, width, channels).permute(0, 3, 1, 2)
-        upscaled = decoder.upscale_conv1(keys)
-        upscaled = decoder.activation(decoder.upscale_layer_norm(upscaled))
-        upscaled = decoder.activation(decoder.upscale_conv2(upscaled))
-        hyper = decoder.output_hypernetworks_mlps[0](queries[:, :, 1, :])  # (b*K, 1, C/8)
-        up_channels, mask_height, mask_width = upscaled.shape[1:]
-        masks = hyper.unsqueeze(2) @ upscaled.reshape(prompts, 1, up_channels, -1)
-        iou = decoder.iou_prediction_head(queries[:, :, 0, :])[..., 0]  # (b*K, 1)
-        return (
-            masks.reshape(batch, num_slots, mask_height, mask_width),
-            iou.reshape(batch, num_slots),
-        )
+        positional = self.image_positional_embeddings()
+        return decode_single_masks(self.mask_decoder, dense, image_embeddings, positional)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -23,6 +23,7 @@ REMOTE_FILES = {
     "conv_image_encoder.py",
     "losses.py",
     "matching.py",
+    "mask_decoding.py",
     "answer_format.py",
     "input_checks.py",
     "loading.py",
