@@ -239,8 +239,8 @@ def _stage_targets(model: SegCompassForReasoningSegmentation) -> dict[str, Any]:
         "codebook": model.codebook,
         "slot mapper": model.slot_mapper,
         "image encoder": model.image_encoder,
-        "SAM prompt encoder": model.prompt_encoder,
-        "SAM mask decoder": (model, "_decode_mask_group"),
+        "SAM prompt encoder": [model.prompt_encoder, (modeling_module, "embed_dense_prompts")],
+        "SAM mask decoder": [model.mask_decoder, (modeling_module, "decode_single_masks")],
         "losses + matching": (model, "segmentation_loss"),
         "input / output checks": [
             (modeling_module, "check_forward_inputs"),

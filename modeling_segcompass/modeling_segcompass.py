@@ -45,7 +45,7 @@ from .losses import (
     sae_reconstruction_loss,
     segmentation_loss_from_config,
 )
-from .mask_decoding import decode_single_masks
+from .mask_decoding import decode_single_masks, embed_dense_prompts
 from .precision import cast_to_dtype, floating_dtype
 from .query_codebook import QueryCodebook
 from .slot_mapper import SlotMapper, UpstreamSlotMapper
@@ -346,35 +346,19 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
             mask logits (B, K, M, M) and predicted IoU (B, K).
         """
         batch, num_slots, size, _ = heatmap_logits.shape
-        _, dense = self.prompt_encoder(
-            input_points=None,
-            input_labels=None,
-            input_boxes=None,
-            input_masks=heatmap_logits.reshape(batch * num_slots, 1, size, size),
-        )  # dense: (B*K, C, E, E)
-        dense = dense.unflatten(0, (batch, num_slots))  # (B, K, C, E, E)
+        dense = embed_dense_prompts(
+            self.prompt_encoder.mask_embed, heatmap_logits.reshape(batch * num_slots, size, size)
+        )  # (B*K, C, E*E), what SamPromptEncoder computes for input_masks
+        dense = dense.unflatten(0, (batch, num_slots))  # (B, K, C, E*E)
+        image_embeddings = image_embeddings.flatten(2)  # (B, C, E*E)
+        positional = self.image_positional_embeddings()[0].flatten(1)  # (C, E*E)
         step = self.images_per_decoder_call(batch, num_slots, heatmap_logits.device)
         if step >= batch:
-            return self._decode_mask_group(dense, image_embeddings)
-        # split, not sliced: a slice's backward fills a zero (B, K, C, E, E) per call
+            return decode_single_masks(self.mask_decoder, dense, image_embeddings, positional)
+        # split, not sliced: a slice's backward fills a zero (B, K, C, E*E) per call
         pairs = zip(dense.split(step), image_embeddings.split(step), strict=True)
-        parts = [self._decode_mask_group(d, e) for d, e in pairs]
+        parts = [decode_single_masks(self.mask_decoder, d, e, positional) for d, e in pairs]
         return torch.cat([m for m, _ in parts]), torch.cat([u for _, u in parts])
-
-    def _decode_mask_group(
-        self, dense: torch.Tensor, image_embeddings: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SAM's mask decoder on the b*K prompts of b images, single-mask output
-        (`mask_decoding.decode_single_masks`).
-
-        Args:
-            dense: (b, K, C, E, E) dense prompt embeddings (the prompt encoder's output).
-            image_embeddings: (b, C, E, E).
-        Returns:
-            mask logits (b, K, M, M) and predicted IoU (b, K).
-        """
-        positional = self.image_positional_embeddings()
-        return decode_single_masks(self.mask_decoder, dense, image_embeddings, positional)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -285,25 +285,26 @@ def test_mask_decoding_paths_agree_at_tiny_and_sam_sizes():
     assert model.config.mask_size == 256 and model.config.image_embedding_channels == 256
 
 
-def test_decode_masks_in_chunks_of_images_gives_the_same_masks():
+def test_decode_masks_in_chunks_of_images_gives_the_same_masks(monkeypatch):
     """`max_images_per_decoder_call` splits B images into calls; the numbers do not change."""
+    from modeling_segcompass import modeling_segcompass as modeling_module
+
+    calls = []
+    decode = modeling_module.decode_single_masks
+
+    def counting(decoder, dense, *args):
+        calls.append(dense.shape[0] * dense.shape[1])
+        return decode(decoder, dense, *args)
+
+    monkeypatch.setattr(modeling_module, "decode_single_masks", counting)
     for size, batch, slots in (("tiny", 5, 3), ("sam", 3, 2)):
         model, heatmaps, embeddings = bench_mask_decoding.build(size, batch, slots, CPU)
-        calls = []
-        handle = model.mask_decoder.transformer.register_forward_hook(
-            lambda m, args, kwargs, out, calls=calls: calls.append(
-                kwargs["image_embeddings"].shape[0]
-            ),
-            with_kwargs=True,
-        )
-        try:
-            with torch.no_grad():
-                model.config.max_images_per_decoder_call = None
-                whole = model.decode_masks(heatmaps, embeddings)
-                model.config.max_images_per_decoder_call = 2
-                chunked = model.decode_masks(heatmaps, embeddings)
-        finally:
-            handle.remove()
+        calls.clear()
+        with torch.no_grad():
+            model.config.max_images_per_decoder_call = None
+            whole = model.decode_masks(heatmaps, embeddings)
+            model.config.max_images_per_decoder_call = 2
+            chunked = model.decode_masks(heatmaps, embeddings)
         # one call of B*K prompts, then ceil(B / 2) calls of at most 2*K
         assert calls == [batch * slots] + [2 * slots] * (batch // 2) + [slots] * (batch % 2)
         for a, b in zip(chunked, whole, strict=True):
@@ -350,6 +351,34 @@ def test_decode_masks_gradients_match_transformers_mask_decoder_per_image():
     assert sorted(g1) == sorted(g2) and any(n.startswith("mask_decoder.") for n in g1)
     for a, b in [(m1, m2), (u1, u2), (h1, h2), (e1, e2)] + [(g1[n], g2[n]) for n in g2]:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_decode_masks_runs_other_convolutions_as_modules():
+    """The per-cell forms need SAM's 2x2 stride-2 convolutions; any other convolution class
+    in the mask embedding or the upscaling is run as a module, with the same numbers."""
+
+    class Conv(torch.nn.Conv2d):
+        pass
+
+    class Transposed(torch.nn.ConvTranspose2d):
+        pass
+
+    model, heatmaps, embeddings = bench_mask_decoding.build("tiny", 3, 2, CPU)
+    with torch.no_grad():
+        fast = model.decode_masks(heatmaps, embeddings)
+        for owner, name in ((model.prompt_encoder.mask_embed, "conv1"),
+                            (model.prompt_encoder.mask_embed, "conv2"),
+                            (model.mask_decoder, "upscale_conv1")):
+            conv = getattr(owner, name)
+            kind = Transposed if isinstance(conv, torch.nn.ConvTranspose2d) else Conv
+            swapped = kind(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
+            swapped.load_state_dict(conv.state_dict())
+            setattr(owner, name, swapped)
+        modules = model.decode_masks(heatmaps, embeddings)
+        reference = reference_path.reference_decode_masks(model, heatmaps, embeddings)
+    for a, b, c in zip(fast, modules, reference, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-4)
 
 
 def test_mask_decoding_check_catches_a_loop_that_pairs_prompts_with_other_images(monkeypatch):
