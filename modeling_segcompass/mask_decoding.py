@@ -216,8 +216,9 @@ def decode_single_masks(
         out1, out2 = first.out_channels, second.out_channels
         weight = first.weight.permute(1, 2, 3, 0).reshape(4 * out1, channels)
         upscaled = _linear(weight, first.bias.repeat_interleave(4), keys)
-        upscaled = _channel_norm(upscaled.reshape(prompts, out1, 4 * length),
-                                 decoder.upscale_layer_norm)
+        upscaled = _channel_norm(
+            upscaled.reshape(prompts, out1, 4 * length), decoder.upscale_layer_norm
+        )
         upscaled = decoder.activation(upscaled)
         weight = second.weight.permute(2, 3, 1, 0).reshape(4 * out2, out1)  # (pixel, o2)
         upscaled = decoder.activation(_linear(weight, second.bias.repeat(4), upscaled))

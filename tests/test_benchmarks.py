@@ -366,9 +366,11 @@ def test_decode_masks_runs_other_convolutions_as_modules():
     model, heatmaps, embeddings = bench_mask_decoding.build("tiny", 3, 2, CPU)
     with torch.no_grad():
         fast = model.decode_masks(heatmaps, embeddings)
-        for owner, name in ((model.prompt_encoder.mask_embed, "conv1"),
-                            (model.prompt_encoder.mask_embed, "conv2"),
-                            (model.mask_decoder, "upscale_conv1")):
+        for owner, name in (
+            (model.prompt_encoder.mask_embed, "conv1"),
+            (model.prompt_encoder.mask_embed, "conv2"),
+            (model.mask_decoder, "upscale_conv1"),
+        ):
             conv = getattr(owner, name)
             kind = Transposed if isinstance(conv, torch.nn.ConvTranspose2d) else Conv
             swapped = kind(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
