@@ -34,12 +34,36 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.
     )
 
 
+class _ChannelNorm(torch.autograd.Function):
+    """LayerNorm over dim 1 of (P, c, N) with its closed-form backward (autograd through the
+    mean / variance / scale ops costs twice as many passes over the tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        centred = x - x.mean(1, keepdim=True)
+        rstd = torch.rsqrt(centred.square().mean(1, keepdim=True) + eps)
+        normed = centred * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        return torch.addcmul(bias[:, None], normed, weight[:, None])
+
+    @staticmethod
+    def backward(ctx, grad):
+        normed, rstd, weight = ctx.saved_tensors
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).sum((0, 2))
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2))
+        grad_normed = grad * weight[:, None]
+        mean = grad_normed.mean(1, keepdim=True)
+        mean_projected = (grad_normed * normed).mean(1, keepdim=True)
+        grad_x = (grad_normed - mean - normed * mean_projected) * rstd
+        return grad_x, grad_weight, grad_bias, None
+
+
 def _channel_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """`norm` (a LayerNorm over c channels) on channels-first `x` (P, c, N), in float32."""
-    hidden = x.float()
-    centred = hidden - hidden.mean(1, keepdim=True)
-    scale = torch.rsqrt(centred.square().mean(1, keepdim=True) + norm.eps)
-    out = torch.addcmul(norm.bias.float()[:, None], centred * scale, norm.weight.float()[:, None])
+    out = _ChannelNorm.apply(x.float(), norm.weight.float(), norm.bias.float(), norm.eps)
     return out.to(x.dtype)
 
 
@@ -163,17 +187,17 @@ def _two_way_transformer(
         queries = _token_norm(queries, layer.layer_norm1)
         to_image, to_tokens = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         keyed = keys + positional  # read by both cross-attentions (keys change after both)
-        inner = to_image.k_proj.out_features
-        projected = _linear(
+        # split, not sliced: a slice's backward fills a zero tensor the size of the whole
+        image_keys, image_queries = _linear(
             torch.cat([to_image.k_proj.weight, to_tokens.q_proj.weight]),
             torch.cat([to_image.k_proj.bias, to_tokens.q_proj.bias]),
             keyed,
-        )
+        ).split([to_image.k_proj.out_features, to_tokens.q_proj.out_features], dim=1)
         values = _linear(to_image.v_proj.weight, to_image.v_proj.bias, keys)
-        attended = _tokens_to_image(to_image, queries + points, projected[:, :inner], values)
+        attended = _tokens_to_image(to_image, queries + points, image_keys, values)
         queries = _token_norm(queries + attended, layer.layer_norm2)
         queries = _token_norm(queries + layer.mlp(queries), layer.layer_norm3)
-        attended = _image_to_tokens(to_tokens, projected[:, inner:], queries + points, queries)
+        attended = _image_to_tokens(to_tokens, image_queries, queries + points, queries)
         keys = _channel_norm(keys + attended, layer.layer_norm4)
     final = transformer.final_attn_token_to_image
     key = _linear(final.k_proj.weight, final.k_proj.bias, keys + positional)
