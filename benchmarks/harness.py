@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from modeling_segcompass.training.allocator import freed_memory_kept, keep_freed_memory
+
 MIB = 1024 * 1024
 
 
@@ -53,6 +55,7 @@ def machine_summary(device: torch.device) -> str:
         f"torch={torch.__version__}",
         f"python={platform.python_version()}",
         f"device={device}",
+        f"malloc={'keeps-freed' if freed_memory_kept() else 'default'}",
     ]
     if device.type == "cuda":
         parts.append(f"gpu={torch.cuda.get_device_name(device)!r}")
@@ -65,7 +68,10 @@ def machine_summary(device: torch.device) -> str:
 
 
 def setup(threads: int | None, device_name: str) -> torch.device:
-    """Fix the intra-op thread count (printed with the machine) and pick the device."""
+    """Fix the intra-op thread count (printed with the machine), keep freed memory in the
+    process as `segcompass` does (`keep_freed_memory`; printed as malloc=...; every variant
+    runs under the same allocator) and pick the device."""
+    keep_freed_memory()
     if threads is not None:
         torch.set_num_threads(threads)
     device = torch.device(device_name)

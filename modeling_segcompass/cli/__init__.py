@@ -19,6 +19,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from ..training.allocator import keep_freed_memory
 from .common import PROG, USAGE_ERROR, CLIError
 from .parser import build_parser
 
@@ -57,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else USAGE_ERROR
     debug = bool(getattr(args, "debug", False))
     _configure_logging(debug)
+    keep_freed_memory()  # CPU steps reuse their freed memory (training/allocator.py)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return int(handler(args) or 0)
