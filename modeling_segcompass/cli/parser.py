@@ -120,7 +120,9 @@ def _add_demo_parser(subparsers: Any) -> None:
     demo.add_argument(
         "--cot-style", default="scene_first", choices=COT_STYLES,
         help="gold chain of thought of the synthetic world: 'scene_first' (the whole scene "
-        "described first, then the reasoning) or 'focused' (straight to the relevant shapes)",
+        "described first, then the reasoning), 'scene_marked' (the scene with 'is' / 'not' "
+        "after each object where the family decides object by object) or 'focused' "
+        "(straight to the relevant shapes)",
     )  # fmt: skip
     demo.add_argument(
         "--config", action="append", default=[], metavar="KEY=VALUE",

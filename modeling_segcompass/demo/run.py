@@ -542,8 +542,8 @@ def run_demo(
             rank runs 1 thread.
         cot_style: the gold chain of thought of the synthetic world
             (`SyntheticWorldConfig.cot_style`): "scene_first" (default: the VLM first
-            describes the scene, as in its pretraining, then reasons over that text) or
-            "focused" (straight to the relevant shapes; docs/results.md compares them).
+            describes the scene, then reasons over it), "scene_marked" (the scene with each
+            object's decision) or "focused" (straight to the relevant shapes; docs/results.md).
         config_overrides: fields of the tiny model's `SegCompassConfig` to change (checked
             by the config, as any other value), e.g. ``{"codebook_dim": 64}``.
         processes: data-parallel CPU processes for the training stages (gloo); None: 2 when

@@ -536,3 +536,40 @@ def test_answer_tokens_are_those_of_answer_format():
     assert synthetic.REF_TOKEN is answer_format.REF_TOKEN
     assert synthetic.THINK_START is answer_format.THINK_START
     assert synthetic.THINK_END is answer_format.THINK_END
+
+
+def test_scene_marked_style_decides_each_object_in_the_scene():
+    """ "scene_marked": the families decided object by object list the scene with "is" after
+    each target and "not" after every other object, then the same answer; relation and
+    superlative keep the scene_first reasoning. Same scenes, words within the vocabulary."""
+    from modeling_segcompass.data.synthetic import MARKED_FAMILIES
+
+    first = generate_examples(build_tiny_cfg(seed=11, cot_style="scene_first"), 140)
+    cfg = build_tiny_cfg(seed=11, cot_style="scene_marked")
+    marked = generate_examples(cfg, 140)
+    vocabulary = set(word_vocabulary(cfg))
+    seen = set()
+    for a, b in zip(first, marked, strict=True):
+        assert (a["instruction"], a["objects"]) == (b["instruction"], b["objects"])
+        assert a["cot"].rsplit("answer :", 1)[1] == b["cot"].rsplit("answer :", 1)[1]
+        assert len(b["cot"].split()) <= cfg.max_cot_words
+        assert set(b["response"].split()) <= vocabulary
+        if b["family"] not in MARKED_FAMILIES:
+            assert b["cot"] == a["cot"]
+            continue
+        seen.add(b["family"])
+        scene = b["cot"].split("scene : ", 1)[1].split(" . answer :", 1)[0]
+        items = scene.split(" , ")
+        assert len(items) == len(b["objects"])
+        answer = b["cot"].rsplit("answer : ", 1)[1]
+        named = [] if answer == "none" else answer.split(" , ")
+        chosen = [
+            " ".join(item.split()[1:3] + ["at"] + item.split()[4:-1])
+            for item in items
+            if item.endswith(" is")
+        ]
+        assert sorted(chosen) == sorted(named) and len(named) == b["num_objects"]
+        assert all(item.endswith((" is", " not")) for item in items)
+        assert b["cot"].startswith("scene : ") != (b["family"] == "function")
+    assert seen == set(MARKED_FAMILIES)
+    assert cfg.max_cot_words > build_tiny_cfg(cot_style="scene_first").max_cot_words

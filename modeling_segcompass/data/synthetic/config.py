@@ -50,7 +50,10 @@ SORT_SIDE = {"leftmost": "left", "rightmost": "right", "topmost": "top", "bottom
 # The instruction of the image-description task (`describe_example`).
 DESCRIBE_INSTRUCTION = "describe the shapes"
 # Styles of the gold chain of thought (`SyntheticWorldConfig.cot_style`).
-COT_STYLES = ("focused", "scene_first")
+COT_STYLES = ("focused", "scene_first", "scene_marked")
+# Families whose answer is decided object by object (does this object fit the instruction?):
+# with cot_style "scene_marked" the scene carries that decision after each object.
+MARKED_FAMILIES = ("attribute", "no_target", "function", "multi_object", "negation")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 # The explicit function-word table of the `function` family: instruction -> shape or colour.
@@ -116,7 +119,11 @@ class SyntheticWorldConfig:
     image description of `describe_example` ("scene : large red circle at top left , ... ."),
     then the focused reasoning, which can then copy from that text instead of reading the image
     again (negation drops its own listing of every shape, which the scene already gives).
-    The scenes, instructions and masks are the same for both styles."""
+    "scene_marked": the scene, each object followed by its decision, "is" (it fits the
+    instruction) or "not", then the answer, for the families decided object by object
+    (`MARKED_FAMILIES`; function first names what its word means); relation and superlative,
+    which compare objects, keep the "scene_first" reasoning.
+    The scenes, instructions and masks are the same for all styles."""
     seed: int = 0
     """Seed of the world; example i uses the generator seeded with (seed, i)."""
 
@@ -188,7 +195,10 @@ class SyntheticWorldConfig:
     def max_cot_words(self) -> int:
         """Upper bound on the words of any `cot`: `MAX_COT_WORDS` for the focused reasoning,
         plus, with `cot_style="scene_first"`, the scene ("scene :", at most 6 words per
-        shape, the commas between them, ".")."""
+        shape, the commas between them, "."), and with "scene_marked" one decision word more
+        per shape."""
         if self.cot_style == "scene_first":
             return MAX_COT_WORDS + 2 + 6 * self.max_objects + (self.max_objects - 1) + 1
+        if self.cot_style == "scene_marked":  # + each object's decision word
+            return MAX_COT_WORDS + 2 + 7 * self.max_objects + (self.max_objects - 1) + 1
         return MAX_COT_WORDS

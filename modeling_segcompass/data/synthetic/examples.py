@@ -11,8 +11,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .config import DESCRIBE_INSTRUCTION, FAMILIES, MAX_COT_WORDS, SyntheticWorldConfig
-from .language import _chain_of_thought, _description, _instruction, _response
+from .config import (
+    DESCRIBE_INSTRUCTION,
+    FAMILIES,
+    MARKED_FAMILIES,
+    MAX_COT_WORDS,
+    SyntheticWorldConfig,
+)
+from .language import (
+    _chain_of_thought,
+    _description,
+    _instruction,
+    _marked_chain_of_thought,
+    _response,
+)
 from .queries import _count_ok, _propose, _resolve
 from .shapes import _clear_of_cell_border, _object_record, _render, _Shape
 
@@ -66,7 +78,9 @@ def _build_scene(cfg: SyntheticWorldConfig, index: int) -> _Scene:
         cot = _chain_of_thought(query, shapes, targets)
         if len(cot.split()) > MAX_COT_WORDS:
             continue
-        if scene_first:
+        if cfg.cot_style == "scene_marked" and family in MARKED_FAMILIES:
+            cot = _marked_chain_of_thought(query, shapes, targets, cfg.image_size)
+        elif scene_first or cfg.cot_style == "scene_marked":
             scene_text = _description([_object_record(s) for s in shapes], cfg.image_size)
             cot = f"scene : {scene_text} . " + _chain_of_thought(
                 query, shapes, targets, scene_first=True

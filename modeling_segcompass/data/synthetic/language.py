@@ -19,7 +19,7 @@ from .config import (
     SyntheticWorldConfig,
 )
 from .queries import _matches
-from .shapes import _cell_name, _Shape
+from .shapes import _cell_name, _object_record, _Shape
 
 
 def _group_header(colour: str | None, kind: str | None) -> str:
@@ -141,6 +141,24 @@ def _chain_of_thought(
     raise ValueError(f"Unknown family {family!r}; expected one of {FAMILIES}.")
 
 
+def _marked_chain_of_thought(
+    query: dict[str, Any], shapes: list[_Shape], targets: list[int], image_size: int
+) -> str:
+    """The "scene_marked" reasoning of a family in `MARKED_FAMILIES`: the scene, each object
+    followed by "is" (a target) or "not", then the answer (function first says what its word
+    means)."""
+    chosen = set(targets)
+    items = [
+        f"{_description([_object_record(s)], image_size)} {'is' if i in chosen else 'not'}"
+        for i, s in enumerate(shapes)
+    ]
+    answer = " , ".join(_name(shapes[i]) for i in targets) or "none"
+    head = ""
+    if query["family"] == "function":
+        head = f"{query['function_word']} means {query['kind'] or query['colour']} . "
+    return f"{head}scene : {' , '.join(items)} . answer : {answer}"
+
+
 def _response(cot: str, cfg: SyntheticWorldConfig) -> str:
     answer = " ".join([REF_TOKEN] * cfg.num_slots)
     prefix = f"{cfg.answer_prefix.strip()} " if cfg.answer_prefix.strip() else ""
@@ -164,7 +182,7 @@ def word_vocabulary(config: SyntheticWorldConfig) -> list[str]:
     words: set[str] = {REF_TOKEN, THINK_START, THINK_END, ":", ",", ".", "answer", "none"}
     words |= set(config.answer_prefix.split())
     words |= {"the", "shape", "shapes", "all", "only", "that", "is", "not", "a", "it", "at"}
-    words |= {"scene"} if config.cot_style == "scene_first" else set()
+    words |= {"scene"} if config.cot_style in ("scene_first", "scene_marked") else set()
     words |= {"means", "from", "of"} | set(SORT_SIDE.values())
     words |= set(DESCRIBE_INSTRUCTION.split())
     words |= set(config.colours) | set(config.kinds) | set(config.sizes)
