@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 
-from ..training.allocator import keep_freed_memory
-
 #: Processes the demo uses at most (the machine the embedded default targets has 2 cores; a
 #: larger machine would gain little from more ranks of a model this small).
 MAX_PROCESSES = 2
@@ -69,7 +67,6 @@ def _rank_entry(
         TOKENIZERS_PARALLELISM="false",
     )
     torch.set_num_threads(1)
-    keep_freed_memory()
     from accelerate import PartialState
 
     PartialState(cpu=True)  # gloo; the trainers' TrainingArguments(use_cpu=True) share it

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..evaluation.rows import answer_phrase_accuracy, evaluate_rows
+from ..training.allocator import keep_freed_memory
 from .curves import collect_curves, plot_training_curves
 from .outputs import export_and_reload, interpretability_report
 from .processes import (
@@ -602,10 +603,8 @@ def _run_rank(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if world_size > 1:
-        torch.set_num_threads(1)
-    elif threads:
-        torch.set_num_threads(threads)
+    keep_freed_memory()  # on every rank, as `segcompass` commands do
+    torch.set_num_threads(1 if world_size > 1 else threads or torch.get_num_threads())
     set_seed(seed)
     state = DemoState(
         out=out,
