@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.harness import machine_summary
+    from modeling_segcompass.training.allocator import keep_freed_memory
 
     runs: dict[int, list[dict]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     print("agreement: every run took every stage's steps; 2-process replicas identical")
     torch.set_num_threads(1)  # what each run's processes use
+    keep_freed_memory()  # as each run's processes do (demo.run._run_rank)
     print(machine_summary(torch.device("cpu")))
     results = []
     for stage in STAGES:
