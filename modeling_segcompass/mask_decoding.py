@@ -78,6 +78,7 @@ def _is_cell_conv(conv: nn.Module, kernel: int) -> bool:
         and conv.stride == (kernel, kernel)
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
+        and getattr(conv, "output_padding", (0, 0)) == (0, 0)
         and conv.groups == 1
         and conv.bias is not None
     )
@@ -95,7 +96,8 @@ def embed_dense_prompts(mask_embed: nn.Module, heatmaps: torch.Tensor) -> torch.
     """
     prompts, size, _ = heatmaps.shape
     first, second, last = mask_embed.conv1, mask_embed.conv2, mask_embed.conv3
-    if not (_is_cell_conv(first, 2) and _is_cell_conv(second, 2) and _is_cell_conv(last, 1)):
+    cells_ok = _is_cell_conv(first, 2) and _is_cell_conv(second, 2) and _is_cell_conv(last, 1)
+    if not (cells_ok and first.in_channels == 1):
         return mask_embed(heatmaps.unsqueeze(1)).flatten(2)  # another mask embedding: as is
     cells = size // 4
     # each embedding cell reads a 4x4 patch: (P, 4 kernel pixels x 4 sub-cells, E*E); the
