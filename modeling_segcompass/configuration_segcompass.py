@@ -77,6 +77,11 @@ class SegCompassConfig(PreTrainedConfig):
             True (the paper's): the slot mapper fuses each slot with its `<REF_POS>` state.
             False (an interpretability option): it reads zeros there, so the only path from
             the reasoning to the mask runs through the SAE concepts the slot gathered.
+        slot_mapper_ref_dropout (`float`):
+            0.0 (the paper's): off. p in (0, 1) (an interpretability option): in training,
+            each slot's `<REF_POS>` state reaches the slot mapper as zeros with probability
+            p, so the mask must also be carried by the slot's concepts; inference is
+            unchanged.
         slot_mapper_heads (`int`): heads of the slot-to-image similarity.
         slot_fuser_channels (`int`): width of the conv fuser that turns similarity maps into a heatmap.
         slot_mapper_type (`str`): `"segcompass"` ([`SlotMapper`], this package's head) or
@@ -166,6 +171,7 @@ class SegCompassConfig(PreTrainedConfig):
     slot_fuser_channels: int = 32
     slot_mapper_type: str = "segcompass"
     slot_mapper_ref_input: bool = True
+    slot_mapper_ref_dropout: float = 0.0
     slot_order: str = "reading"
     heatmap_outside_fill: float | None = None
     # token ids
@@ -279,6 +285,13 @@ class SegCompassConfig(PreTrainedConfig):
             )
         if not isinstance(self.slot_mapper_ref_input, bool):
             fail("slot_mapper_ref_input", "True or False", self.slot_mapper_ref_input)
+        dropout = self.slot_mapper_ref_dropout
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout < 1
+        ):
+            fail("slot_mapper_ref_dropout", "a probability in [0, 1)", dropout)
         pairs = self.codebook_readout_pairs
         if pairs is not None and (
             not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1

@@ -473,6 +473,9 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         else:  # precomputed (e.g. cached in float32): the mask path runs in its own precision
             image_embeddings = image_embeddings.to(floating_dtype(self.mask_decoder))
         mapper_refs = ref_states if cfg.slot_mapper_ref_input else torch.zeros_like(ref_states)
+        if self.training and cfg.slot_mapper_ref_dropout > 0:  # per (sample, slot)
+            keep = torch.rand(ref_states.shape[:2], device=ref_states.device)
+            mapper_refs = mapper_refs * (keep >= cfg.slot_mapper_ref_dropout).unsqueeze(-1)
         mapped = self.slot_mapper(book.slots, mapper_refs, image_embeddings)
         prompts = fill_outside_image(mapped.heatmap_logits, valid_mask, cfg.heatmap_outside_fill)
         mask_logits, iou_scores = self.decode_masks(prompts, image_embeddings)

@@ -228,3 +228,28 @@ def test_relu_threshold_mode_runs_and_respects_threshold():
         out = model(**batch)
     active = out.concept_values[out.concept_values != 0]
     assert active.numel() > 0 and (active.abs() >= 0.05).all()
+
+
+def test_slot_mapper_ref_dropout_zeroes_ref_states_in_training_only():
+    """In training each (sample, slot) `<REF_POS>` state reaches the slot mapper as zeros with
+    probability `slot_mapper_ref_dropout`; near 1 that is the no-REF-input model, and in eval
+    the option changes nothing."""
+    dropped = build_tiny_model(slot_mapper_ref_dropout=0.999999)
+    batch = make_batch(dropped.config, [2, 2])
+    without = build_tiny_model(slot_mapper_ref_input=False)
+    plain = build_tiny_model()
+    for model in (dropped, without, plain):
+        model.config.codebook_dropout = 0.0
+    with torch.no_grad():
+        torch.manual_seed(1)
+        train_dropped = dropped.train()(**batch).mask_logits
+        train_without = without.train()(**batch).mask_logits
+        eval_dropped = dropped.eval()(**batch).mask_logits
+        eval_plain = plain.eval()(**batch).mask_logits
+        eval_without = without.eval()(**batch).mask_logits
+    torch.testing.assert_close(train_dropped, train_without)
+    torch.testing.assert_close(eval_dropped, eval_plain)
+    assert not torch.allclose(eval_plain, eval_without)  # the REF states do reach the mask
+    for bad in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="slot_mapper_ref_dropout"):
+            build_tiny_model(slot_mapper_ref_dropout=bad)
