@@ -5,7 +5,7 @@ tokenizer and slots), two steps:
 
 - "warm-up": one supervised step as the demo's warm-up runs it (batch 32 collated by
   `SegCompassCollator`; forward with labels and masks, backward, gradient clipping at 1.0,
-  AdamW);
+  AdamW with `fused=True`, the Trainer's default optimizer);
 - "grpo": `SegCompassGRPOTrainer._compute_loss` + backward on a fixed batch of completions
   (benchmark 4's "with_mask_loss" step at the tiny size; sampling is not timed).
 
@@ -14,7 +14,8 @@ of the parts it speeds up swapped in (`straightforward_paths`): SAM's `SamMaskDe
 as a module on the B*K image embeddings repeated per prompt, the SAE reconstruction loss
 encoding its input a second time, the input and output checks reading finiteness from an
 element-wise `isfinite` mask, the image encoder run on every row of a GRPO batch (each
-prompt's image once per completion) instead of once per distinct image. Before timing, both must give the same loss and the same
+prompt's image once per completion) instead of once per distinct image, the codebook's last
+encoder layer run on every row (slots and tokens) instead of the slot rows it is read at. Before timing, both must give the same loss and the same
 gradient for every parameter. `--profile` prints the time per stage of both steps (VLM, SAE
 encode, codebook, slot mapper, SAM, losses and matching, checks, optimizer, the rest),
 forward and backward, from `torch.profiler` (backward operators are attributed to the stage
@@ -94,7 +95,7 @@ def build(
     torch.manual_seed(0)
     config = SegCompassConfig.tiny(vocab_size=len(tokenizer), num_slots=world.num_slots)
     model = SegCompassForReasoningSegmentation(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, fused=True)
     grpo = bench_grpo_step.build("tiny", device, batch=grpo_batch, completion_len=completion_len)
     return StepSetup(model, {k: v.to(device) for k, v in collated.items()}, optimizer, grpo)
 
@@ -140,6 +141,18 @@ def _encode_every_row(self, sam_pixel_values, deduplicate=None):
     return type(self).encode_image(self, sam_pixel_values, deduplicate=False)
 
 
+def _last_layer_every_row(self, layer, hidden, key_padding):
+    """The codebook's last encoder layer on every row (slots and tokens), its attention
+    weights from `nn.MultiheadAttention`; only the slot rows are then read."""
+    normed = layer.norm1(hidden)
+    attn_out, weights = layer.self_attn(
+        normed, normed, normed, key_padding_mask=key_padding, need_weights=True
+    )
+    hidden = hidden + layer.dropout1(attn_out)
+    hidden = hidden + layer._ff_block(layer.norm2(hidden))
+    return hidden[:, : self.num_slots], weights[:, : self.num_slots]
+
+
 @contextlib.contextmanager
 def straightforward_paths(model: SegCompassForReasoningSegmentation) -> Iterator[None]:
     """Within the block, `model` runs the straightforward forms of the optimised parts."""
@@ -147,12 +160,14 @@ def straightforward_paths(model: SegCompassForReasoningSegmentation) -> Iterator
     model.sae.encode_pair = MethodType(_encode_then_encode_again, model.sae)
     model.encode_image = MethodType(_encode_every_row, model)
     input_checks.all_finite = _isfinite_all
+    model.codebook._last_layer_slot_rows = MethodType(_last_layer_every_row, model.codebook)
     try:
         yield
     finally:
         del model.decode_masks  # back to the classes' methods
         del model.sae.encode_pair
         del model.encode_image
+        del model.codebook._last_layer_slot_rows
         input_checks.all_finite = _all_finite
 
 

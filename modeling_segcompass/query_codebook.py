@@ -47,7 +47,9 @@ class QueryCodebook(nn.Module):
 
     The encoder layers are `nn.TransformerEncoderLayer` modules (pre-norm, batch-first) so
     that parameter names match a PyTorch reference; the forward is spelled out here to
-    return the last layer's slot attention for interpretability.
+    return the last layer's slot attention for interpretability, and it runs the last layer
+    on the K slot rows only (queries and feed-forward; keys and values from every row), the
+    only rows the slots read.
 
     Args:
         d_sae: number of SAE latents (rows of the codebook).
@@ -194,25 +196,20 @@ class QueryCodebook(nn.Module):
             dim=1,
         )  # (B, K+L)
         slot_attention = None
-        for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
+        for layer in self.layers[:-1]:
             normed = layer.norm1(hidden)
-            attn_out, weights = layer.self_attn(
-                normed,
-                normed,
-                normed,
-                key_padding_mask=key_padding,
-                need_weights=last,
-                average_attn_weights=True,
+            attn_out, _ = layer.self_attn(
+                normed, normed, normed, key_padding_mask=key_padding, need_weights=False
             )
-            if last:
-                slot_attention = weights[:, : self.num_slots, self.num_slots :]  # (B, K, L)
-                # share of each slot's token attention (slots also attend to each other)
-                slot_attention = slot_attention / slot_attention.sum(-1, keepdim=True).clamp_min(
-                    1e-12
-                )
             hidden = hidden + layer.dropout1(attn_out)
             hidden = hidden + layer._ff_block(layer.norm2(hidden))
+        if len(self.layers):
+            # only the slot rows of the last layer's output are read: their attention over
+            # every row and their feed-forward, not the token rows'
+            hidden, weights = self._last_layer_slot_rows(self.layers[-1], hidden, key_padding)
+            slot_attention = weights[:, :, self.num_slots :]  # (B, K, L)
+            # share of each slot's token attention (slots also attend to each other)
+            slot_attention = slot_attention / slot_attention.sum(-1, keepdim=True).clamp_min(1e-12)
         slots = self.final_norm(hidden[:, : self.num_slots])  # (B, K, d_q)
         if self.readout_pairs is not None:
             slots, concept_weights = self._read_pairs(slots, indices, values, attention_mask)
@@ -230,6 +227,39 @@ class QueryCodebook(nn.Module):
             slot_concept_weights=concept_weights,
             token_embeddings=tokens,
         )
+
+    def _last_layer_slot_rows(
+        self, layer: nn.TransformerEncoderLayer, hidden: torch.Tensor, key_padding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm encoder layer's output at the K slot rows, and their attention.
+
+        The same numbers as `layer(hidden)[:, :K]` (queries from the slot rows, keys and values
+        from every row), without the token rows' queries and feed-forward.
+
+        Returns:
+            (B, K, d_q) slot rows, (B, K, K+L) attention weights averaged over heads.
+        """
+        attn = layer.self_attn
+        batch, rows, dim = hidden.shape
+        heads, head_dim = attn.num_heads, dim // attn.num_heads
+        normed = layer.norm1(hidden)
+        w_q, w_kv = attn.in_proj_weight.split([dim, 2 * dim])
+        b_q, b_kv = attn.in_proj_bias.split([dim, 2 * dim])
+        # contiguous: F.linear on a strided 3-D view goes through matmul, whose GEMM choice
+        # (and so the last bit) depends on whether the weight requires grad
+        query = F.linear(normed[:, : self.num_slots].contiguous(), w_q, b_q)  # (B, K, d_q)
+        key, value = F.linear(normed, w_kv, b_kv).chunk(2, dim=-1)  # (B, K+L, d_q) each
+        query = query.view(batch, self.num_slots, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, rows, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, rows, heads, head_dim).transpose(1, 2)
+        scores = (query * head_dim**-0.5) @ key.transpose(-1, -2)  # (B, h, K, K+L)
+        scores = scores.masked_fill(key_padding[:, None, None, :], float("-inf"))
+        weights = scores.softmax(-1)
+        dropped = F.dropout(weights, p=attn.dropout, training=self.training)
+        out = (dropped @ value).transpose(1, 2).reshape(batch, self.num_slots, dim)
+        slot_rows = hidden[:, : self.num_slots] + layer.dropout1(attn.out_proj(out))
+        slot_rows = slot_rows + layer._ff_block(layer.norm2(slot_rows))
+        return slot_rows, weights.mean(1)
 
     def _read_pairs(
         self,

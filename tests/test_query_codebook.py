@@ -43,6 +43,43 @@ def test_sparse_and_dense_forward_agree_including_gradients():
     assert (grad_sparse[active].abs().sum(-1) > 0).all()
 
 
+def _every_row_reference(book, indices, values, mask):
+    """Slots and slot-to-token attention with every encoder layer run on every row through
+    `nn.TransformerEncoderLayer`'s own attention (weights from nn.MultiheadAttention)."""
+    tokens = book.project(indices, values)
+    batch = tokens.shape[0]
+    hidden = torch.cat([book.slot_queries.expand(batch, -1, -1), tokens], dim=1)
+    padding = torch.cat([torch.zeros(batch, book.num_slots, dtype=torch.bool), ~mask.bool()], 1)
+    for layer in book.layers:
+        normed = layer.norm1(hidden)
+        out, weights = layer.self_attn(normed, normed, normed, key_padding_mask=padding)
+        hidden = hidden + out
+        hidden = hidden + layer._ff_block(layer.norm2(hidden))
+    attention = weights[:, : book.num_slots, book.num_slots :]
+    return book.final_norm(hidden[:, : book.num_slots]), attention / attention.sum(-1, True)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_last_layer_on_slot_rows_equals_the_layer_on_every_row_with_gradients(layers):
+    torch.manual_seed(layers)
+    book = build(num_layers=layers)
+    indices, values = random_codes(batch=3, length=9)
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7])
+    out = book(indices, values, mask)
+    slots, attention = _every_row_reference(book, indices, values, mask)
+    torch.testing.assert_close(out.slots, slots, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.slot_token_attention, attention, atol=1e-6, rtol=1e-5)
+    target = torch.randn_like(slots)
+    params = [p for p in book.parameters()]
+    got = torch.autograd.grad((out.slots * target).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((slots * target).sum(), params, allow_unused=True)
+    for (name, _), g, w in zip(book.named_parameters(), got, want):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            scale = w.abs().max().clamp_min(1e-3)
+            assert (g - w).abs().max() <= 1e-4 * scale, name
+
+
 def test_padding_tokens_do_not_change_slots_and_get_no_attention():
     book = build()
     indices, values = random_codes(batch=1, length=6)
