@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="only cpu (the demo runs on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="ignored: 1 per process")
     parser.add_argument("--worker", nargs=2, metavar=("PROCESSES", "OUT"), help=argparse.SUPPRESS)
+    # worker only: import the package from this checkout (benchmark 8 times another commit)
+    parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -60,8 +62,22 @@ def steps_of(args: argparse.Namespace) -> dict[str, int]:
     }
 
 
+def import_package_from(root: str | Path):
+    """Import `modeling_segcompass` from the checkout at `root` (before any other copy)."""
+    root = Path(root).resolve()
+    sys.path.insert(0, str(root))
+    import modeling_segcompass
+
+    imported = Path(modeling_segcompass.__file__).resolve()
+    if root not in imported.parents:
+        sys.exit(f"--root {root}: modeling_segcompass was imported from {imported}")
+    return modeling_segcompass
+
+
 def worker(args: argparse.Namespace) -> None:
     """One run (in the fresh process the benchmark starts): the stages, summary.json in OUT."""
+    if args.root:
+        import_package_from(args.root)
     from modeling_segcompass.demo.run import run_training_stages
 
     processes, out = int(args.worker[0]), Path(args.worker[1])

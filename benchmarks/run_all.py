@@ -33,10 +33,14 @@ BENCHMARKS = {
         "bench_training_step.py",
         "7. training step of the tiny default, optimised vs straightforward (1 thread)",
     ),
+    "demo_speedup": (
+        "bench_demo_speedup.py",
+        "8. demo training stages on 1 process, this checkout vs an earlier commit",
+    ),
 }
 
 #: benchmarks of CPU processes only (skipped, with a line saying so, on other devices)
-CPU_ONLY = {"demo_stages"}
+CPU_ONLY = {"demo_stages", "demo_speedup"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

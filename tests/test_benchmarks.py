@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -147,6 +148,7 @@ def test_every_benchmark_takes_the_device_and_run_all_passes_it(monkeypatch):
     ran = {Path(c[1]).name for c in launched}
     assert ran == {s for n, (s, _) in run_all.BENCHMARKS.items() if n not in run_all.CPU_ONLY}
     assert all(c[2:4] == ["--device", "cuda"] for c in launched)
+    monkeypatch.undo()  # the real Popen again (the allocator's libc lookup may run ldconfig)
     makefile = (Path(run_all.__file__).parents[1] / "Makefile").read_text()
     assert "BENCH_DEVICE ?= cpu" in makefile and "--device $(BENCH_DEVICE)" in makefile
     if not torch.cuda.is_available():
@@ -463,3 +465,32 @@ def test_training_step_paths_agree_and_the_check_catches_a_reconstruction_gradie
     monkeypatch.setattr(type(steps.model.sae), "encode_pair", leaking_pair)
     agreements = bench_training_step.check_agreement(steps)
     assert not all(a.ok for a in agreements)
+
+
+def test_demo_speedup_checks_out_the_earlier_commit_and_refuses_an_unknown_one(tmp_path):
+    """Benchmark 8 times REF's code from a worktree of REF (its worker imports the package
+    from the tree it is given), and names the fix when git does not know REF."""
+    import subprocess
+
+    from benchmarks import bench_demo_speedup
+
+    root = bench_demo_speedup.ROOT
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    tree = tmp_path / "ref"
+    bench_demo_speedup.add_worktree("HEAD", tree)
+    try:
+        assert (tree / "modeling_segcompass" / "demo" / "run.py").is_file()
+        probe = (
+            "import sys; from benchmarks.bench_demo_stages import import_package_from; "
+            "print(import_package_from(sys.argv[1]).__file__)"
+        )
+        found = subprocess.run(
+            [sys.executable, "-c", probe, str(tree)], cwd=root, capture_output=True, text=True
+        )
+        assert found.returncode == 0, found.stderr
+        assert Path(found.stdout.strip()).resolve().is_relative_to(tree.resolve())
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root)
+    with pytest.raises(SystemExit, match="--against REF"):
+        bench_demo_speedup.add_worktree("no-such-ref-0000", tmp_path / "nothing")

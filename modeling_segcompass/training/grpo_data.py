@@ -17,7 +17,13 @@ import torch
 
 from ..processing_segcompass import build_prompt, to_rgb_uint8
 
-__all__ = ["SegmentationTargets", "build_grpo_dataset", "grpo_row", "segmentation_targets"]
+__all__ = [
+    "SegmentationTargets",
+    "build_grpo_dataset",
+    "grpo_row",
+    "segmentation_targets",
+    "with_array_masks",
+]
 
 
 def grpo_row(
@@ -88,7 +94,25 @@ def build_grpo_dataset(
     """A `datasets.Dataset` of `grpo_row`s (the form `SegCompassGRPOTrainer` trains on)."""
     from datasets import Dataset
 
-    return Dataset.from_list([grpo_row(ex, processor, num_slots=num_slots) for ex in examples])
+    rows = [grpo_row(ex, processor, num_slots=num_slots) for ex in examples]
+    return with_array_masks(Dataset.from_list(rows))
+
+
+def with_array_masks(dataset: Any) -> Any:
+    """`dataset` with its ``gt_masks`` column read as numpy arrays (other columns unchanged).
+
+    Arrow hands an unformatted column back as nested Python lists: (G, M, M) masks are G*M*M
+    Python ints per row, which every later step walks element by element (accelerate's
+    `send_to_device` on each batch, `np.asarray` in the trainer). A `datasets.Dataset` that
+    has a ``gt_masks`` column and no format gets this one; anything else is returned as is.
+    """
+    columns = getattr(dataset, "column_names", None)
+    fmt = getattr(dataset, "format", None)
+    if not columns or "gt_masks" not in columns or not isinstance(fmt, dict):
+        return dataset
+    if fmt.get("type") is not None:
+        return dataset  # the caller chose a format
+    return dataset.with_format("numpy", columns=["gt_masks"], output_all_columns=True)
 
 
 @dataclass

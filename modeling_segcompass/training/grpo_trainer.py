@@ -54,7 +54,13 @@ from trl.trainer.utils import pad
 from ..answer_format import AnswerTokenIds, parse_answer_ids
 from .checkpointing import AtomicCheckpointMixin
 from .grpo_config import FORMAT_REWARDS, MASK_REWARDS, SegCompassGRPOConfig
-from .grpo_data import SegmentationTargets, build_grpo_dataset, grpo_row, segmentation_targets
+from .grpo_data import (
+    SegmentationTargets,
+    build_grpo_dataset,
+    grpo_row,
+    segmentation_targets,
+    with_array_masks,
+)
 from .grpo_forward import (
     PolicyForwardCapture,
     completion_logits_hook,
@@ -241,12 +247,14 @@ class SegCompassGRPOTrainer(GRPOResumeMixin, AtomicCheckpointMixin, GRPOTrainer)
         name_or_path = config._name_or_path
         if args.use_vllm:
             config._name_or_path = args.vllm_model_path
+        if "eval_dataset" in kwargs:
+            kwargs["eval_dataset"] = with_array_masks(kwargs["eval_dataset"])
         try:
             super().__init__(
                 model=model,
                 reward_funcs=reward_funcs,
                 args=args,
-                train_dataset=train_dataset,
+                train_dataset=with_array_masks(train_dataset),
                 processing_class=processing_class,
                 **kwargs,
             )

@@ -11,6 +11,7 @@ from modeling_segcompass import SegCompassConfig, SegCompassForReasoningSegmenta
 from modeling_segcompass.assembly.tokenizer_builder import build_tiny_tokenizer
 from modeling_segcompass.data.synthetic import SyntheticWorldConfig, generate_examples, iter_texts
 from modeling_segcompass.processing_segcompass import SegCompassProcessor, build_prompt
+from modeling_segcompass.training.grpo_data import with_array_masks
 from modeling_segcompass.training.grpo_trainer import (
     SegCompassGRPOConfig,
     SegCompassGRPOTrainer,
@@ -106,6 +107,33 @@ def test_grpo_row_puts_masks_on_the_grid_and_asks_for_k_refs(world):
     text = row["prompt"][0]["content"][1]["text"]
     assert text == build_prompt(multi["instruction"], 3)
     assert len(dataset) == len(examples)
+
+
+def test_dataset_hands_the_masks_back_as_arrays_and_the_trainer_formats_a_plain_dataset(
+    world, tmp_path
+):
+    from datasets import Dataset
+
+    processor, examples, dataset = world
+    rows = dataset.__getitems__([0, 1])  # the batch form the trainer's data loader fetches
+    for i, row in enumerate(rows):
+        assert isinstance(row["gt_masks"], np.ndarray)  # not G*M*M nested Python ints
+        np.testing.assert_array_equal(row["gt_masks"], grpo_row(examples[i], processor)["gt_masks"])
+        assert row["prompt"][0]["role"] == "user" and row["num_ref"] == 3
+    # a user's own Dataset.from_list (no format) gets the same reading inside the trainer
+    plain = Dataset.from_list([grpo_row(ex, processor) for ex in examples])
+    assert isinstance(plain[0]["gt_masks"], list)
+    trainer = SegCompassGRPOTrainer(
+        model=tiny_model(processor),
+        args=grpo_args(tmp_path),
+        train_dataset=plain,
+        eval_dataset=plain,
+        processing_class=processor,
+    )
+    for formatted in (trainer.train_dataset, trainer.eval_dataset):
+        assert isinstance(formatted[0]["gt_masks"], np.ndarray)
+    # a format the caller chose is kept
+    assert with_array_masks(plain.with_format("torch")).format["type"] == "torch"
 
 
 def test_grpo_row_no_target_and_mismatch(world):
