@@ -50,7 +50,12 @@ from .precision import cast_to_dtype, floating_dtype
 from .query_codebook import QueryCodebook
 from .slot_mapper import SlotMapper, UpstreamSlotMapper
 from .sparse_autoencoder import SparseAutoencoder
-from .vlm_states import _decoder_layers, fill_outside_image, gather_ref_hidden_states
+from .vlm_states import (
+    _decoder_layers,
+    batch_vision_windows,
+    fill_outside_image,
+    gather_ref_hidden_states,
+)
 
 #: "auto" images per decoder call: bytes of one call's (b*K, C, E, E) prompt + image sum per
 #: device type: a CPU's cache-sized 16 MiB (SAM size: 4 prompts), a GPU's 256 MiB.
@@ -183,6 +188,7 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
         # SAM's sub-modules are plain nn.Modules: hand them the attention choice ourselves.
         sam.mask_decoder_config._attn_implementation = config._attn_implementation
         self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
+        batch_vision_windows(self.vlm)  # one attention call per run of equal windows
         self.sae = SparseAutoencoder(
             d_in=config.llm_hidden_size,
             d_sae=config.d_sae,
