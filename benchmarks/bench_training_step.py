@@ -15,7 +15,8 @@ as a module on the B*K image embeddings repeated per prompt, the SAE reconstruct
 encoding its input a second time, the input and output checks reading finiteness from an
 element-wise `isfinite` mask, the image encoder run on every row of a GRPO batch (each
 prompt's image once per completion) instead of once per distinct image, the codebook's last
-encoder layer run on every row (slots and tokens) instead of the slot rows it is read at. Before timing, both must give the same loss and the same
+encoder layer run on every row (slots and tokens) instead of the slot rows it is read at, and
+transformers' vision attention calling attention once per window and image. Before timing, both must give the same loss and the same
 gradient for every parameter. `--profile` prints the time per stage of both steps (VLM, SAE
 encode, codebook, slot mapper, SAM, losses and matching, checks, optimizer, the rest),
 forward and backward, from `torch.profiler` (backward operators are attributed to the stage
@@ -41,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen  # noqa: E402
 
 from benchmarks import bench_grpo_step  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
@@ -161,9 +163,15 @@ def straightforward_paths(model: SegCompassForReasoningSegmentation) -> Iterator
     model.encode_image = MethodType(_encode_every_row, model)
     input_checks.all_finite = _isfinite_all
     model.codebook._last_layer_slot_rows = MethodType(_last_layer_every_row, model.codebook)
+    batched = [m for m in model.vlm.modules() if isinstance(m, qwen.Qwen2_5_VLVisionAttention)]
+    classes = [type(m) for m in batched]
+    for module in batched:  # transformers' attention: one call per window and image
+        module.__class__ = qwen.Qwen2_5_VLVisionAttention
     try:
         yield
     finally:
+        for module, cls in zip(batched, classes, strict=True):
+            module.__class__ = cls
         del model.decode_masks  # back to the classes' methods
         del model.sae.encode_pair
         del model.encode_image
