@@ -47,14 +47,7 @@ TARGET_STAGES = ("supervised_warmup", "grpo")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--against", default=DEFAULT_REF, help="git ref of the earlier code")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per tree")
-    parser.add_argument("--vlm-steps", type=int, default=40)
-    parser.add_argument("--sft-steps", type=int, default=20)
-    parser.add_argument("--grpo-steps", type=int, default=8)
-    parser.add_argument("--num-train", type=int, default=2000, help="training examples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="only cpu (the demo runs on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="ignored: 1 thread")
+    bench_demo_stages.add_stage_arguments(parser, vlm_steps=40, sft_steps=20, grpo_steps=8)
     return parser.parse_args(argv)
 
 

@@ -38,16 +38,23 @@ STAGES = ("vlm_pretraining", "sae_pretraining", "supervised_warmup", "grpo")
 TARGET = 1.7
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_stage_arguments(
+    parser: argparse.ArgumentParser, *, vlm_steps: int, sft_steps: int, grpo_steps: int
+) -> None:
+    """The options of a fixed-steps run of the demo's stages (benchmarks 6 and 8)."""
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting")
-    parser.add_argument("--vlm-steps", type=int, default=60)
-    parser.add_argument("--sft-steps", type=int, default=30)
-    parser.add_argument("--grpo-steps", type=int, default=8)
+    parser.add_argument("--vlm-steps", type=int, default=vlm_steps)
+    parser.add_argument("--sft-steps", type=int, default=sft_steps)
+    parser.add_argument("--grpo-steps", type=int, default=grpo_steps)
     parser.add_argument("--num-train", type=int, default=2000, help="training examples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="only cpu (the demo runs on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="ignored: 1 per process")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_stage_arguments(parser, vlm_steps=60, sft_steps=30, grpo_steps=8)
     parser.add_argument("--worker", nargs=2, metavar=("PROCESSES", "OUT"), help=argparse.SUPPRESS)
     # worker only: import the package from this checkout (benchmark 8 times another commit)
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
