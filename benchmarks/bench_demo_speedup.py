@@ -12,7 +12,7 @@ optimiser steps per second of each tree (median over the runs) and this tree / R
 Agreement before any figure counts: every run took every stage's steps, and each run
 imported the package from its own tree.
 
-    python benchmarks/bench_demo_speedup.py [--against 360730c --repeats 2 --sft-steps 20
+    python benchmarks/bench_demo_speedup.py [--against 360730c --repeats 2 --sft-steps 60
                                              --grpo-steps 8 --vlm-steps 40]
 
 The default REF, 360730c, is the first commit whose demo can run its stages for fixed step
@@ -47,7 +47,7 @@ TARGET_STAGES = ("supervised_warmup", "grpo")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--against", default=DEFAULT_REF, help="git ref of the earlier code")
-    bench_demo_stages.add_stage_arguments(parser, vlm_steps=40, sft_steps=20, grpo_steps=8)
+    bench_demo_stages.add_stage_arguments(parser, vlm_steps=40, sft_steps=60, grpo_steps=8)
     return parser.parse_args(argv)
 
 
