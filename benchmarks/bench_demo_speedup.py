@@ -24,8 +24,6 @@ last layer and GRPO rows with array masks.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -69,25 +67,6 @@ def add_worktree(ref: str, where: Path) -> None:
         sys.exit(f"bench_demo_speedup: git worktree add failed:\n{added.stderr}")
 
 
-def run_once(args: argparse.Namespace, tree: Path, out: Path) -> dict:
-    """The stages on 1 process with the package imported from `tree`; its summary.json."""
-    command = [
-        sys.executable, str(Path(bench_demo_stages.__file__).resolve()), "--worker", "1",
-        str(out), "--root", str(tree), "--vlm-steps", str(args.vlm_steps), "--sft-steps",
-        str(args.sft_steps), "--grpo-steps", str(args.grpo_steps), "--num-train",
-        str(args.num_train), "--seed", str(args.seed),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    load = os.getloadavg()[0]
-    result = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"the stages in {tree} failed:\n{result.stderr[-4000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    bench_demo_stages.check_agreement(summary, 1, bench_demo_stages.steps_of(args))
-    summary["load_before"] = load
-    return summary
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device != "cpu":
@@ -105,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for repeat in range(args.repeats):
                 for name, tree in (("ref", ref_tree), ("this", ROOT)):
-                    summary = run_once(args, tree, Path(tmp, f"{name}-{repeat}"))
+                    out = Path(tmp, f"{name}-{repeat}")
+                    summary = bench_demo_stages.run_once(args, 1, out, root=tree)
+                    bench_demo_stages.check_agreement(summary, 1, bench_demo_stages.steps_of(args))
                     runs[name].append(summary)
                     rates = ", ".join(f"{s} {summary['steps_per_s'][s]:.3f}" for s in STAGES)
                     print(

@@ -94,8 +94,10 @@ def worker(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
-def run_once(args: argparse.Namespace, processes: int, out: Path) -> dict:
-    """One run in a fresh interpreter; its summary.json plus the load before it."""
+def run_once(args: argparse.Namespace, processes: int, out: Path, root: Path | None = None) -> dict:
+    """One run in a fresh interpreter; its summary.json plus the load before it.
+
+    `root`: the checkout the run imports the package from (default: this one)."""
     load = os.getloadavg()[0]
     command = [
         sys.executable, str(Path(__file__).resolve()), "--worker", str(processes), str(out),
@@ -103,10 +105,13 @@ def run_once(args: argparse.Namespace, processes: int, out: Path) -> dict:
         "--grpo-steps", str(args.grpo_steps), "--num-train", str(args.num_train),
         "--seed", str(args.seed),
     ]  # fmt: skip
+    if root is not None:
+        command += ["--root", str(root)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    cwd = ROOT if root is None else root
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"the stages on {processes} process(es) failed:\n{result.stderr[-4000:]}")
+        sys.exit(f"the stages on {processes} process(es) in {cwd} failed:\n{result.stderr[-4000:]}")
     summary = json.loads((out / "summary.json").read_text())
     summary["load_before"] = load
     return summary

@@ -4,11 +4,15 @@ The VLM's decoder layers (the SAE input is captured at the output of one of them
 last-layer states at the `<REF_POS>` tokens in the slot order the config names, and the fill
 of heatmap logits outside the unpadded image before they become SAM's dense prompt.
 
-This file travels with saved models (remote code): it imports only torch and its flat
-sibling configuration_segcompass.py.
+This file travels with saved models (remote code): it imports torch, its flat sibling
+configuration_segcompass.py and (inside `batch_vision_windows`) transformers' Qwen2.5-VL
+module.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
 
 import torch
 from torch import nn
@@ -123,64 +127,48 @@ def batch_vision_windows(vlm: nn.Module) -> int:
     changed = 0
     for module in vlm.modules():
         if type(module) is qwen.Qwen2_5_VLVisionAttention:
-            module.__class__ = _window_batched_class(qwen)
+            module.__class__ = _window_batched_class()
             changed += 1
     return changed
 
 
-_WINDOW_BATCHED: dict[int, type] = {}
+@functools.cache
+def _window_batched_class() -> type:
+    """`WindowBatchedVisionAttention`, a subclass of transformers' Qwen2.5-VL vision attention."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
-
-def _window_batched_class(qwen) -> type:
-    """`WindowBatchedVisionAttention`, the subclass of this transformers' vision attention."""
-    base = qwen.Qwen2_5_VLVisionAttention
-    if id(base) in _WINDOW_BATCHED:
-        return _WINDOW_BATCHED[id(base)]
-
-    class WindowBatchedVisionAttention(base):
+    class WindowBatchedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
         """Qwen2.5-VL vision attention with runs of equal-length windows in one call."""
 
         def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-            if (
-                self.config._attn_implementation != "sdpa"
-                or self.training
-                and (self.attention_dropout > 0)
+            if self.config._attn_implementation != "sdpa" or (
+                self.training and self.attention_dropout > 0
             ):
                 return super().forward(hidden_states, cu_seqlens, position_embeddings, **kwargs)
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
             seq_length = hidden_states.shape[0]
             qkv = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1)
             query, key, value = qkv.permute(1, 0, 2, 3).unbind(0)  # (S, H, d) each
             cos, sin = position_embeddings
             query, key = qwen.apply_rotary_pos_emb_vision(query, key, cos, sin)
             outputs, start = [], 0
-            for length, count in _runs(lengths):
+            for length, count in _runs((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()):
                 end = start + length * count
                 q, k, v = (
                     t[start:end].reshape(count, length, self.num_heads, -1).transpose(1, 2)
                     for t in (query, key, value)
                 )  # (count, H, length, d) each
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
-                outputs.append(out.transpose(1, 2).reshape(length * count, -1))
+                outputs.append(out.transpose(1, 2).reshape(length * count, -1))  # (rows, H*d)
                 start = end
-            attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0)
-            return self.proj(attn_output.reshape(seq_length, -1).contiguous())
+            return self.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0))
 
-    _WINDOW_BATCHED[id(base)] = WindowBatchedVisionAttention
     return WindowBatchedVisionAttention
 
 
 def _runs(lengths: list[int]) -> list[tuple[int, int]]:
     """[(length, how many in a row)] of a list of window lengths (zero lengths dropped)."""
-    runs: list[tuple[int, int]] = []
-    for length in lengths:
-        if length == 0:
-            continue
-        if runs and runs[-1][0] == length:
-            runs[-1] = (length, runs[-1][1] + 1)
-        else:
-            runs.append((length, 1))
-    return runs
+    nonzero = (length for length in lengths if length)  # an empty window adds no rows
+    return [(length, len(list(group))) for length, group in itertools.groupby(nonzero)]
 
 
 __all__ = [

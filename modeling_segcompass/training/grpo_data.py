@@ -106,9 +106,10 @@ def with_array_masks(dataset: Any) -> Any:
     `send_to_device` on each batch, `np.asarray` in the trainer). A `datasets.Dataset` that
     has a ``gt_masks`` column and no format gets this one; anything else is returned as is.
     """
-    columns = getattr(dataset, "column_names", None)
-    fmt = getattr(dataset, "format", None)
-    if not columns or "gt_masks" not in columns or not isinstance(fmt, dict):
+    fmt = getattr(dataset, "format", None)  # an IterableDataset has none
+    if "gt_masks" not in (getattr(dataset, "column_names", None) or ()) or not isinstance(
+        fmt, dict
+    ):
         return dataset
     if fmt.get("type") is not None:
         return dataset  # the caller chose a format
