@@ -72,6 +72,16 @@ class SegCompassConfig(PreTrainedConfig):
             (an interpretability option): each slot reads only its m highest-scoring (token,
             concept) pairs, its vector built from those pairs' codebook rows alone, so the
             concepts an explanation names are all the slot read (docs/interpretability.md).
+        codebook_span_start_token_id (`int`, *optional*):
+            None (the paper's): the codebook reads every token. A token id (an
+            interpretability option): in each row the codebook reads only the tokens after
+            the last occurrence of that token, up to the next of `codebook_span_end_token_ids`
+            (with the id of the word that opens the answer, the answer's words): the codebook
+            sees a bag of concepts without token positions, so over the whole text a slot
+            cannot tell the answer's "blue" from the scene's. A row without the token, or
+            with nothing after it, is read whole.
+        codebook_span_end_token_ids (`list[int]`, *optional*):
+            The tokens that end that span; None: `</think>` and `<REF_POS>`.
         num_slots (`int`): K, the number of `<REF_POS>` tokens / slots / masks.
         slot_mapper_ref_input (`bool`):
             True (the paper's): the slot mapper fuses each slot with its `<REF_POS>` state.
@@ -165,6 +175,8 @@ class SegCompassConfig(PreTrainedConfig):
     codebook_dropout: float = 0.0
     sparse_codebook: bool = True
     codebook_readout_pairs: int | None = None
+    codebook_span_start_token_id: int | None = None
+    codebook_span_end_token_ids: list[int] | None = None
     # slot mapper
     num_slots: int = 1
     slot_mapper_heads: int = 8
@@ -301,6 +313,26 @@ class SegCompassConfig(PreTrainedConfig):
                 "None (the paper's dense readout) or a positive integer (pairs each slot reads)",
                 pairs,
             )
+        span = self.codebook_span_start_token_id
+        if span is not None and (not isinstance(span, int) or isinstance(span, bool) or span < 0):
+            fail(
+                "codebook_span_start_token_id",
+                "None (the codebook reads every token) or a token id (it reads what follows it)",
+                span,
+            )
+        ends = self.codebook_span_end_token_ids
+        if ends is not None and (
+            not isinstance(ends, (list, tuple))
+            or not ends
+            or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ends)
+        ):
+            fail(
+                "codebook_span_end_token_ids",
+                "None (</think> and <REF_POS> end the span) or a non-empty list of token ids",
+                ends,
+            )
+        if ends is not None:
+            self.codebook_span_end_token_ids = [int(t) for t in ends]
         for name in ("sae_k", "sae_layer"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -47,7 +47,7 @@ from .losses import (
 )
 from .mask_decoding import decode_single_masks, embed_dense_prompts
 from .precision import cast_to_dtype, floating_dtype
-from .query_codebook import QueryCodebook
+from .query_codebook import QueryCodebook, codebook_token_mask
 from .slot_mapper import SlotMapper, UpstreamSlotMapper
 from .sparse_autoencoder import SparseAutoencoder
 from .vlm_states import (
@@ -473,7 +473,8 @@ class SegCompassForReasoningSegmentation(SegCompassPreTrainedModel):
 
         # 4. Slots gather concepts; 5. slots become heatmaps; 6. SAM turns them into masks.
         sparse = cfg.sparse_codebook if sparse_codebook is None else sparse_codebook
-        book = self.codebook(concept_indices, concept_values, attention_mask, sparse=sparse)
+        read = codebook_token_mask(cfg, input_ids, attention_mask)  # every token (paper)
+        book = self.codebook(concept_indices, concept_values, read, sparse=sparse)
         if image_embeddings is None:
             image_embeddings = self.encode_image(sam_pixel_values)
         else:  # precomputed (e.g. cached in float32): the mask path runs in its own precision

@@ -15,6 +15,7 @@ This file travels with saved models (remote code): it imports only torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -309,4 +310,34 @@ class QueryCodebook(nn.Module):
         return slots, weights
 
 
-__all__ = ["QueryCodebook", "QueryCodebookOutput"]
+def codebook_token_mask(
+    config: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, L) bool: the tokens the codebook reads under ``config.codebook_span_start_token_id``.
+
+    None: every unpadded token (the paper). A token id: in each row, the tokens after the
+    last occurrence of that token, up to the next of ``config.codebook_span_end_token_ids``
+    (exclusive; default `</think>` and `<REF_POS>`); a row without the token, or with
+    nothing between it and the end, is read whole.
+    """
+    mask = attention_mask.bool()
+    start = getattr(config, "codebook_span_start_token_id", None)
+    if start is None:
+        return mask
+    length = input_ids.shape[1]
+    positions = torch.arange(length, device=input_ids.device).expand_as(input_ids)
+    last_start = torch.where(input_ids == start, positions, -1).amax(dim=1, keepdim=True)
+    after = positions > last_start  # (B, L)
+    stops = getattr(config, "codebook_span_end_token_ids", None)
+    if stops is None:
+        stops = [config.think_end_token_id, config.ref_token_id]
+    is_stop = torch.zeros_like(after)
+    for token in (t for t in stops if t is not None):
+        is_stop |= input_ids == token
+    end = torch.where(is_stop & after, positions, length).amin(dim=1, keepdim=True)
+    span = after & (positions < end) & mask
+    found = (last_start >= 0) & span.any(dim=1, keepdim=True)
+    return torch.where(found, span, mask)
+
+
+__all__ = ["QueryCodebook", "QueryCodebookOutput", "codebook_token_mask"]

@@ -223,3 +223,103 @@ def test_slot_mapper_without_ref_input_ignores_the_ref_states():
         hook.remove()
         assert out.ref_hidden_states.abs().sum() > 0  # the output still reports the states
     assert calls[0].abs().sum() > 0 and calls[1].abs().sum() == 0
+
+
+def test_codebook_token_mask_reads_the_span_after_the_last_start_token():
+    from types import SimpleNamespace
+
+    from modeling_segcompass.query_codebook import codebook_token_mask
+
+    ids = torch.tensor(
+        [
+            [1, 5, 2, 5, 3, 4, 8, 9, 0],  # the last 5 opens the span; it ends at </think> (8)
+            [1, 2, 3, 8, 9, 0, 0, 0, 0],  # no 5: read whole
+            [1, 5, 8, 9, 0, 0, 0, 0, 0],  # nothing between 5 and </think>: read whole
+            [1, 5, 3, 4, 0, 0, 0, 0, 0],  # no stop: up to the padding
+            [5, 3, 9, 4, 8, 0, 0, 0, 0],  # <REF_POS> (9) stops it too
+        ]
+    )
+    attention = torch.tensor([[1] * 8 + [0], [1] * 5 + [0] * 4, [1] * 4 + [0] * 5,
+                              [1] * 4 + [0] * 5, [1] * 5 + [0] * 4])  # fmt: skip
+    config = SimpleNamespace(
+        codebook_span_start_token_id=5,
+        codebook_span_end_token_ids=None,
+        think_end_token_id=8,
+        ref_token_id=9,
+    )
+    mask = codebook_token_mask(config, ids, attention)
+    expected = torch.zeros_like(mask)
+    expected[0, 4:6] = True
+    expected[1] = attention[1].bool()
+    expected[2] = attention[2].bool()
+    expected[3, 2:4] = True
+    expected[4, 1] = True
+    assert torch.equal(mask, expected)
+    config.codebook_span_end_token_ids = [4, 8]  # 4 ends it too; <REF_POS> no longer does
+    mask = codebook_token_mask(config, ids, attention)
+    expected[0, 5] = False
+    expected[3, 3] = False
+    expected[4, 1:3] = True
+    assert torch.equal(mask, expected)
+    config.codebook_span_start_token_id = None  # the paper: every unpadded token
+    assert torch.equal(codebook_token_mask(config, ids, attention), attention.bool())
+
+
+def test_codebook_span_slots_depend_only_on_the_concepts_of_the_span():
+    from modeling_segcompass import SegCompassConfig
+    from tests.helpers import build_tiny_model, make_batch
+
+    assert SegCompassConfig.upstream().codebook_span_start_token_id is None
+    assert SegCompassConfig.paper().codebook_span_start_token_id is None
+    with pytest.raises(ValueError, match="codebook_span_start_token_id"):
+        SegCompassConfig.tiny(codebook_span_start_token_id="answer")
+    for ends in ([], ["</think>"], 8):
+        with pytest.raises(ValueError, match="codebook_span_end_token_ids"):
+            SegCompassConfig.tiny(codebook_span_end_token_ids=ends)
+    tuple_ends = SegCompassConfig.tiny(codebook_span_end_token_ids=(8, 9))
+    assert tuple_ends.codebook_span_end_token_ids == [8, 9]
+    # make_sequence's response: <think> 60 61 62 63 64 </think> <REF_POS>...: the span is 63, 64
+    batch = make_batch(build_tiny_model().config, [3, 2])
+    span = (batch["input_ids"] == 63) | (batch["input_ids"] == 64)
+
+    def outside_removed(indices, values):
+        return indices, values * span.unsqueeze(-1).to(values.dtype)
+
+    def inside_removed(indices, values):
+        return indices, values * (~span).unsqueeze(-1).to(values.dtype)
+
+    for start, outside_matters in ((62, False), (None, True)):
+        model = build_tiny_model(codebook_span_start_token_id=start)
+        with torch.no_grad():
+            plain = model(**batch)
+            outside = model(**batch, edit_concepts=outside_removed)
+            inside = model(**batch, edit_concepts=inside_removed)
+        moved = not torch.equal(outside.mask_logits, plain.mask_logits)
+        assert moved is outside_matters
+        assert not torch.equal(inside.mask_logits, plain.mask_logits)
+        if start is not None:
+            assert plain.slot_token_attention[~span.unsqueeze(1).expand_as(
+                plain.slot_token_attention)].abs().max() == 0  # fmt: skip
+            assert plain.slot_concept_weights[:, :, ~span[0]].abs().max() == 0
+
+
+def test_word_token_ids_turns_a_config_word_into_its_token_id():
+    from modeling_segcompass.assembly.tokenizer_builder import word_token_ids
+    from tests.helpers import build_tiny_tokenizer_and_processor
+
+    tokenizer, _ = build_tiny_tokenizer_and_processor()
+    (answer,) = tokenizer(" answer", add_special_tokens=False)["input_ids"]
+    resolved = word_token_ids(
+        {"codebook_span_start_token_id": "answer", "codebook_dim": 8}, tokenizer
+    )
+    assert resolved == {"codebook_span_start_token_id": answer, "codebook_dim": 8}
+    assert word_token_ids({"codebook_span_start_token_id": 7}, tokenizer) == {
+        "codebook_span_start_token_id": 7
+    }
+    # a token as the vocabulary spells it, where the word after a space is not one token
+    ends = word_token_ids({"codebook_span_end_token_ids": ["</think>", 9, "Ġ"]}, tokenizer)
+    assert ends["codebook_span_end_token_ids"] == [
+        tokenizer.convert_tokens_to_ids("</think>"), 9, tokenizer.convert_tokens_to_ids("Ġ")
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="codebook_span_start_token_id: 'xqzv' is neither"):
+        word_token_ids({"codebook_span_start_token_id": "xqzv"}, tokenizer)

@@ -255,3 +255,44 @@ def _merges_of(bpe: Tokenizer) -> list[tuple[str, str]]:
 def load_tokenizer(path: str | os.PathLike) -> Qwen2TokenizerFast:
     """Load a tokenizer saved by `build_tiny_tokenizer` (a thin `AutoTokenizer` call)."""
     return AutoTokenizer.from_pretrained(path)
+
+
+#: Config fields that name tokens; `word_token_ids` turns words given for them into ids.
+WORD_TOKEN_FIELDS = ("codebook_span_start_token_id", "codebook_span_end_token_ids")
+
+
+def _word_token_id(tokenizer, field: str, word: str) -> int:
+    """The id of ``word`` as the tokenizer encodes it after a space (``"answer"``), else of
+    the token spelt ``word`` in its vocabulary (``"</think>"``, byte-level ``"Ġ"``)."""
+    ids = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+    if word.strip() and len(ids) == 1:
+        return int(ids[0])
+    token_id = tokenizer.convert_tokens_to_ids(word)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if isinstance(token_id, int) and (token_id != unk or word == tokenizer.unk_token):
+        return token_id
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    raise ValueError(
+        f"{field}: {word!r} is neither one token after a space (the tokenizer encodes it as "
+        f"{pieces}) nor a token of the vocabulary; give a word that is one token (e.g. "
+        "answer), a token as the tokenizer spells it (e.g. </think>) or the token id."
+    )
+
+
+def word_token_ids(overrides: dict, tokenizer) -> dict:
+    """``overrides`` with words given for `WORD_TOKEN_FIELDS` replaced by their token ids, for
+    ``--config`` overrides (a field holds one token or a list of them).
+
+    Raises:
+        ValueError: a word is not one token.
+    """
+    resolved = dict(overrides)
+    for field in WORD_TOKEN_FIELDS:
+        value = resolved.get(field)
+        if isinstance(value, str):
+            resolved[field] = _word_token_id(tokenizer, field, value)
+        elif isinstance(value, list):
+            resolved[field] = [
+                _word_token_id(tokenizer, field, v) if isinstance(v, str) else v for v in value
+            ]
+    return resolved

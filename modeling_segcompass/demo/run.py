@@ -6,17 +6,11 @@ and end-to-end, per family) -> interpretability report -> Hub-ready folder -> re
 `AutoModel(..., trust_remote_code=True)` and segment a held-out image. Everything lands in one
 folder.
 
-`run_demo` runs the stage functions of `STAGES` in order; they share one `DemoState` (the
-run's settings, clock, data, model and `DemoSummary`). The wall-clock budget (`minutes`) is
-split between the stages (fractions of the budget at which each training stage must end:
-`STAGE_ENDS`); the learning-rate schedules run on wall time, so they end when a stage's share
-does whatever the machine's speed.
-
-With 2 or more cores the demo runs on 2 processes (`processes.default_processes`): every rank
-runs the stages, the training stages data-parallel over the ranks (torch.distributed with
-gloo, one thread each, through accelerate: the engine a GPU user scales out with), with the
-same global batch sizes and wall budget; rank 0 alone evaluates, writes the report and
-exports the one model.
+`run_demo` runs the stage functions of `STAGES` in order on one shared `DemoState`. The
+wall-clock budget is split between the training stages (`STAGE_ENDS`); their learning-rate
+schedules run on wall time. With 2 or more cores every stage runs on 2 processes, the training
+stages data-parallel (torch.distributed with gloo, one thread each, through accelerate), with
+the same global batch sizes and budget; rank 0 alone evaluates, reports and exports.
 """
 
 from __future__ import annotations
@@ -35,13 +29,7 @@ from ..evaluation.rows import answer_phrase_accuracy, evaluate_rows
 from ..training.allocator import keep_freed_memory
 from .curves import collect_curves, plot_training_curves
 from .outputs import export_and_reload, interpretability_report
-from .processes import (
-    barrier,
-    default_processes,
-    launch,
-    peak_memory_mb,
-    replicas_identical,
-)
+from .processes import barrier, default_processes, launch, peak_memory_mb, replicas_identical
 from .schedule import time_limit_callback, time_progress_callback, time_schedule_callback
 from .summary import DemoSummary, write_summary
 
@@ -51,6 +39,16 @@ logger = logging.getLogger(__name__)
 # (evaluations, report, export and reload) take about 40 s on 2 cores, 8 % of a 14-minute
 # budget, so the demo ends at about 13.5 minutes, inside a 15-minute target.
 STAGE_ENDS = {"vlm_pretraining": 0.22, "supervised_warmup": 0.74, "grpo": 0.92}
+
+# The demo model's readout (`SegCompassConfig.tiny` plus these; `config_overrides` change them,
+# words become token ids): the codebook reads the answer's words only (after the last ":" up
+# to the lone space before </think>) and the slot mapper does not see the <REF_POS> states, so
+# the concepts are the one path from the text to the mask (docs/interpretability.md).
+DEMO_CONFIG = {
+    "codebook_span_start_token_id": ":",
+    "codebook_span_end_token_ids": ["Ġ", "</think>", "<REF_POS>"],
+    "slot_mapper_ref_input": False,
+}
 
 
 @dataclass
@@ -197,6 +195,7 @@ def _prepare_data(state: DemoState) -> None:
 
 def _build_model(state: DemoState) -> None:
     """The tiny model (seeded), its collator and the training batch size."""
+    from ..assembly.tokenizer_builder import word_token_ids
     from ..configuration_segcompass import SegCompassConfig
     from ..data.collator import SegCompassCollator
     from ..modeling_segcompass import SegCompassForReasoningSegmentation
@@ -205,7 +204,7 @@ def _build_model(state: DemoState) -> None:
     config = SegCompassConfig.tiny(
         vocab_size=len(state.tokenizer),
         num_slots=state.world.num_slots,
-        **state.config_overrides,
+        **word_token_ids({**DEMO_CONFIG, **state.config_overrides}, state.tokenizer),
     )
     state.model = SegCompassForReasoningSegmentation(config)
     state.collator = SegCompassCollator(state.processor)
@@ -689,6 +688,7 @@ def run_training_stages(
 
 
 __all__ = [
+    "DEMO_CONFIG",
     "MAIN_ONLY",
     "STAGES",
     "STAGE_ENDS",

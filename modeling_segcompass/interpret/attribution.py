@@ -33,6 +33,7 @@ import torch
 
 from ..modeling_segcompass import SegCompassOutput
 from ..precision import floating_dtype
+from ..query_codebook import codebook_token_mask
 from ..vlm_states import fill_outside_image
 from .edits import _reference_output
 from .trace import _check_inputs, _valid_area, slot_concept_totals
@@ -64,7 +65,8 @@ def _freeze(model: Any, inputs: Mapping[str, Any], output: SegCompassOutput) -> 
     return _Frozen(
         indices=output.concept_indices.detach().to(device),
         values=output.concept_values.detach().to(device),
-        attention_mask=attention.to(device),
+        # the tokens the codebook read (config.codebook_span_start_token_id)
+        attention_mask=codebook_token_mask(model.config, inputs["input_ids"], attention).to(device),
         ref_states=output.ref_hidden_states.detach().to(device),
         image_embeddings=output.image_embeddings.detach().to(device),
         valid=valid,
@@ -436,7 +438,8 @@ def deletion_curves(
             (the slot's raw weight, attention x activation) and "greedy"
             (`greedy_deletion_order`).
         max_k: removal steps (k = 1..max_k).
-        random_draws: random orders per slot (drawn from the sample's active concepts).
+        random_draws: random orders per slot (drawn from the concepts active on the tokens
+            the codebook reads: every token, or `codebook_span_start_token_id`'s span).
         seed: seeds the random orders.
         chunk_size: edited samples per decoder pass.
     """
@@ -470,7 +473,9 @@ def deletion_curves(
             _, greedy = greedy_deletion_order(model, inputs, output, slots=slots, max_k=max_k)
     random_orders: list[list[list[int]]] = []
     for p, (b, k) in enumerate(slots):
-        active = frozen.indices[b][frozen.values[b] != 0].unique().cpu().tolist()
+        # the concepts active on the tokens the codebook reads
+        read = (frozen.values[b] != 0) & frozen.attention_mask[b].bool().unsqueeze(-1)
+        active = frozen.indices[b][read].unique().cpu().tolist()
         for name in orders:
             if name == "attribution":
                 removed[name].append(attribution.ranking(p, max_k))

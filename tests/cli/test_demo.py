@@ -69,6 +69,15 @@ def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path, c
     hub = tmp_path / "demo" / "hub_model"
     assert (hub / "model.safetensors").exists() and (hub / "README.md").exists()
     assert (hub / "concept_labels.json").exists()
+    # the demo readout (DEMO_CONFIG): the answer's words, as ids of the demo's tokenizer
+    config = json.loads((hub / "config.json").read_text())
+    vocab = json.loads((tmp_path / "demo" / "tokenizer" / "tokenizer.json").read_text())
+    vocab = vocab["model"]["vocab"] | {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    assert config["slot_mapper_ref_input"] is False
+    assert config["codebook_span_start_token_id"] == vocab["Ġ:"]
+    assert config["codebook_span_end_token_ids"] == [
+        vocab[t] for t in ("Ġ", "</think>", "<REF_POS>")
+    ]
     assert_final_sae_exported(tmp_path / "demo")
     # no empty folder is left behind (the trainers' sft/ and grpo/ hold no checkpoint)
     assert not [p for p in (tmp_path / "demo").rglob("*") if p.is_dir() and not any(p.iterdir())]
