@@ -40,16 +40,6 @@ logger = logging.getLogger(__name__)
 # budget, so the demo ends at about 13.5 minutes, inside a 15-minute target.
 STAGE_ENDS = {"vlm_pretraining": 0.22, "supervised_warmup": 0.74, "grpo": 0.92}
 
-# The demo model's readout (`SegCompassConfig.tiny` plus these; `config_overrides` change them,
-# words become token ids): the codebook reads the answer's words only (after the last ":" up
-# to the lone space before </think>) and the slot mapper does not see the <REF_POS> states, so
-# the concepts are the one path from the text to the mask (docs/interpretability.md).
-DEMO_CONFIG = {
-    "codebook_span_start_token_id": ":",
-    "codebook_span_end_token_ids": ["Ġ", "</think>", "<REF_POS>"],
-    "slot_mapper_ref_input": False,
-}
-
 
 @dataclass
 class DemoState:
@@ -204,7 +194,7 @@ def _build_model(state: DemoState) -> None:
     config = SegCompassConfig.tiny(
         vocab_size=len(state.tokenizer),
         num_slots=state.world.num_slots,
-        **word_token_ids({**DEMO_CONFIG, **state.config_overrides}, state.tokenizer),
+        **word_token_ids(state.config_overrides, state.tokenizer),
     )
     state.model = SegCompassForReasoningSegmentation(config)
     state.collator = SegCompassCollator(state.processor)
@@ -688,7 +678,6 @@ def run_training_stages(
 
 
 __all__ = [
-    "DEMO_CONFIG",
     "MAIN_ONLY",
     "STAGES",
     "STAGE_ENDS",

@@ -68,7 +68,7 @@ class DemoSummary:
             "- peak memory (MiB): "
             + (", ".join(f"{k} {v:.0f}" for k, v in self.peak_memory_mb.items()) or "-"),
             f"- data: train {self.num_train} / held-out {self.num_held_out} examples",
-            f"- config overrides: {self.config_overrides or 'none (the demo default)'}",
+            f"- config overrides: {self.config_overrides or 'none (the tiny default)'}",
             f"- {_dependence_line(self.image_dependence)}",
             f"- SAE: {self.sae}",
             "",

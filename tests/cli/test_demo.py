@@ -41,7 +41,15 @@ def assert_every_stage_counts_steps(stderr):
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path, capfd):
-    summary = run_demo(tmp_path / "demo", minutes=2, quick=True, seed=0, processes=1)
+    # the answer-span readout (docs/interpretability.md), its token fields given as words
+    span = {
+        "codebook_span_start_token_id": ":",
+        "codebook_span_end_token_ids": ["Ġ", "</think>", "<REF_POS>"],
+        "slot_mapper_ref_input": False,
+    }
+    summary = run_demo(
+        tmp_path / "demo", minutes=2, quick=True, seed=0, processes=1, config_overrides=span
+    )
     assert_every_stage_counts_steps(capfd.readouterr().err)
     curves = tmp_path / "demo" / "training_curves.png"
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -69,7 +77,7 @@ def test_quick_demo_runs_every_stage_and_reloads_through_remote_code(tmp_path, c
     hub = tmp_path / "demo" / "hub_model"
     assert (hub / "model.safetensors").exists() and (hub / "README.md").exists()
     assert (hub / "concept_labels.json").exists()
-    # the demo readout (DEMO_CONFIG): the answer's words, as ids of the demo's tokenizer
+    # the words became ids of the demo's tokenizer in the exported config
     config = json.loads((hub / "config.json").read_text())
     vocab = json.loads((tmp_path / "demo" / "tokenizer" / "tokenizer.json").read_text())
     vocab = vocab["model"]["vocab"] | {t["content"]: t["id"] for t in vocab["added_tokens"]}
