@@ -6,11 +6,17 @@ and end-to-end, per family) -> interpretability report -> Hub-ready folder -> re
 `AutoModel(..., trust_remote_code=True)` and segment a held-out image. Everything lands in one
 folder.
 
-`run_demo` runs the stage functions of `STAGES` in order on one shared `DemoState`. The
-wall-clock budget is split between the training stages (`STAGE_ENDS`); their learning-rate
-schedules run on wall time. With 2 or more cores every stage runs on 2 processes, the training
-stages data-parallel (torch.distributed with gloo, one thread each, through accelerate), with
-the same global batch sizes and budget; rank 0 alone evaluates, reports and exports.
+`run_demo` runs the stage functions of `STAGES` in order; they share one `DemoState` (the
+run's settings, clock, data, model and `DemoSummary`). The wall-clock budget (`minutes`) is
+split between the stages (fractions of the budget at which each training stage must end:
+`STAGE_ENDS`); the learning-rate schedules run on wall time, so they end when a stage's share
+does whatever the machine's speed.
+
+With 2 or more cores the demo runs on 2 processes (`processes.default_processes`): every rank
+runs the stages, the training stages data-parallel over the ranks (torch.distributed with
+gloo, one thread each, through accelerate: the engine a GPU user scales out with), with the
+same global batch sizes and wall budget; rank 0 alone evaluates, writes the report and
+exports the one model.
 """
 
 from __future__ import annotations
@@ -29,7 +35,13 @@ from ..evaluation.rows import answer_phrase_accuracy, evaluate_rows
 from ..training.allocator import keep_freed_memory
 from .curves import collect_curves, plot_training_curves
 from .outputs import export_and_reload, interpretability_report
-from .processes import barrier, default_processes, launch, peak_memory_mb, replicas_identical
+from .processes import (
+    barrier,
+    default_processes,
+    launch,
+    peak_memory_mb,
+    replicas_identical,
+)
 from .schedule import time_limit_callback, time_progress_callback, time_schedule_callback
 from .summary import DemoSummary, write_summary
 
